@@ -1,0 +1,162 @@
+"""Typed schema of ``conf/prep.yaml``: the dataclasses define fields and defaults, YAML gives values.
+
+Sources and filters are open sets (registries), so their entries are mappings ``name -> options``
+that are checked here against the registered class's own ``Config`` dataclass: a new source or
+filter brings its schema with it and this file does not change. Every check runs before any work
+and fails with one line naming the field, e.g. ``filters.caption_length: min_words (5) must be <=
+max_words (3)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.initialize import get_gh_backup, restore_gh_from_backup
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from data_prep import PrepError
+from data_prep.filters import FILTERS
+from data_prep.sources import SOURCES
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # the checkout's conf/ (editable install)
+CONFIG_NAME = "prep"
+
+
+class ConfigError(PrepError, ValueError):
+    """An invalid config value; the message is one line naming the field and what is allowed."""
+
+
+class ModelType(str, enum.Enum):
+    unigram = "unigram"
+    bpe = "bpe"
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 2000  # a soft limit (hard_vocab_limit=False): small corpora get fewer pieces
+    model_type: ModelType = ModelType.unigram
+
+    def __post_init__(self) -> None:
+        self.model_type = _choice(ModelType, self.model_type, "tokenizer.model_type")
+        if self.vocab_size <= 4:  # ids 0..3 are pad/unk/bos/eos
+            raise ConfigError(f"tokenizer.vocab_size must be > 4 (ids 0-3 are special), got {self.vocab_size}")
+
+
+@dataclass
+class PrepConfig:
+    out_dir: str = "runs/demo/data"
+    seed: int = 0  # mixes into the train/heldout split hash and seeds tokenizer training
+    samples_per_shard: int = 5000
+    # name -> options of that source's Config; every registered source by default
+    sources: dict[str, Any] = field(default_factory=lambda: {name: {} for name in SOURCES})
+    # name -> options of that filter's Config, run in this order; every registered filter by default
+    filters: dict[str, Any] = field(default_factory=lambda: {name: {} for name in FILTERS})
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        if not str(self.out_dir).strip():
+            raise ConfigError("out_dir must not be empty")
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if not self.sources:
+            raise ConfigError(f"sources is empty: enable at least one of {', '.join(SOURCES)}")
+        if isinstance(self.tokenizer, dict):
+            self.tokenizer = TokenizerConfig(**self.tokenizer)
+        self.sources = _entries("sources", self.sources, {k: v.Config for k, v in SOURCES.items()})
+        self.filters = _entries("filters", self.filters, {k: v.Config for k, v in FILTERS.items()})
+
+
+def _choice(enum_cls: type[enum.Enum], value: Any, where: str) -> enum.Enum:
+    try:
+        return enum_cls(value.value if isinstance(value, enum.Enum) else value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in enum_cls)
+        raise ConfigError(f"{where}: {value!r} is not one of {allowed}") from None
+
+
+def _entries(group: str, entries: dict[str, Any], schemas: dict[str, type]) -> dict[str, Any]:
+    """Check each ``name: options`` of ``group`` against the registered schema, keeping the order."""
+    out = {}
+    for name, options in (entries or {}).items():
+        if name not in schemas:
+            raise ConfigError(f"{group}.{name}: unknown {group[:-1]}; allowed: {', '.join(schemas)}")
+        out[name] = parse_options(schemas[name], options, f"{group}.{name}")
+    return out
+
+
+def parse_options(schema: type, options: Any, where: str) -> Any:
+    """``options`` (mapping, None or an instance) as a validated ``schema`` dataclass instance.
+    OmegaConf checks names and types; the dataclass's ``__post_init__`` checks the values."""
+    if isinstance(options, schema):
+        return options
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), options or {})
+        return OmegaConf.to_object(merged)
+    except ConfigKeyError as e:
+        allowed = ", ".join(f.name for f in dataclasses.fields(schema))
+        raise ConfigError(f"{where}.{e.key}: unknown option; allowed: {allowed}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(_omegaconf_message(e, prefix=where)) from None
+    except ValueError as e:  # from the schema's __post_init__
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _omegaconf_message(e: OmegaConfBaseException, prefix: str = "") -> str:
+    msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+    key = ".".join(k for k in (prefix, getattr(e, "full_key", None) or "") if k)
+    return f"{key}: {msg}" if key else msg
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain JSON-able copy of a config (dataclasses -> dicts, enums -> values) for manifests."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, enum.Enum):
+        return cfg.value
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def register() -> None:
+    """Make ``prep_schema`` available to ``defaults:`` lists (idempotent)."""
+    ConfigStore.instance().store(name="prep_schema", node=PrepConfig)
+
+
+def load_config(overrides: Optional[list[str]] = None) -> PrepConfig:
+    """Compose ``conf/prep.yaml`` with hydra command-line ``overrides`` and validate it.
+
+    Uses hydra's compose API, so nothing changes directory or writes logs; works whether or not
+    hydra is already initialised by the caller (its state is restored afterwards)."""
+    register()
+    backup = get_gh_backup()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name=CONFIG_NAME, overrides=list(overrides or []))
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:  # hydra wraps OmegaConf's validation errors; report the root cause in one line
+        raise ConfigError(_hydra_message(e)) from None
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def _hydra_message(e: BaseException) -> str:
+    while e.__cause__ is not None and not isinstance(e, OmegaConfBaseException):
+        e = e.__cause__
+    if isinstance(e, OmegaConfBaseException):
+        return _omegaconf_message(e)
+    return " ".join(str(e).split())

@@ -1,0 +1,222 @@
+"""Typed training config: these dataclasses are the schema, ``conf/*.yaml`` only gives values.
+
+The schema is registered in hydra's ConfigStore as ``train_schema``; ``conf/train.yaml`` lists it
+first in its defaults, so every YAML value and command-line override is type-checked by OmegaConf
+(``engine.precision=fp8`` fails naming the field and the allowed values). Cross-field rules live in
+``__post_init__`` and run when :func:`to_config` turns the DictConfig into these objects.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value breaks a rule; the message names the field and what is allowed."""
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when WANDB_API_KEY is set, else offline
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(self.image_size % self.patch_size == 0,
+               f"model.vision.patch_size={self.patch_size} must divide model.vision.image_size={self.image_size}")
+        _check(self.width % self.heads == 0,
+               f"model.vision.heads={self.heads} must divide model.vision.width={self.width}")
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 16
+    vocab_size: int = 0  # 0: taken from the tokenizer at build time
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        _check(self.context_length >= 3, f"model.text.context_length={self.context_length} must be >= 3 (bos, a token, eos)")
+        _check(self.width % self.heads == 0, f"model.text.heads={self.heads} must divide model.text.width={self.width}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny_test"
+    embed_dim: int = 32
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100)  # CLIP's cap on the learned temperature
+
+    def __post_init__(self) -> None:
+        _check(self.init_logit_scale <= self.max_logit_scale,
+               f"model.init_logit_scale={self.init_logit_scale} exceeds model.max_logit_scale={self.max_logit_scale}")
+
+
+@dataclass
+class DataConfig:
+    root: str = "runs/demo/data"  # a folder written by `python -m data_prep build`
+    train: str = "${data.root}/train"  # a manifest.json or the folder holding one
+    tokenizer: str = "${data.root}/tokenizer.model"  # sentencepiece model (pad=0 unk=1 bos=2 eos=3)
+    batch_size: int = 64  # per rank, per micro-step
+    num_workers: int = 1  # loader processes per rank; 0 reads in the training process
+    shuffle_buffer: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers} must be >= 0")
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer} must be >= 0")
+
+
+@dataclass
+class LossConfig:
+    # local_loss: each rank scores its own rows against all gathered columns (labels offset by
+    # rank): O(B x W*B) logits per rank instead of O(W*B x W*B), same gradients.
+    local_loss: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr={self.lr} must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = 2
+    precision: Precision = Precision.fp32
+    grad_clip: float = 1.0  # 0 disables clipping
+    # Gradient accumulation multiplies the samples per optimizer step but NOT the negatives: the
+    # contrastive loss of each micro-step only sees the W x batch_size samples of that micro-step.
+    grad_accum: int = 1
+    backend: str = "auto"  # auto: nccl with CUDA, gloo on CPU
+    # Peak dense TFLOP/s of one device, for train/mfu. None: a known GPU's datasheet figure, or on
+    # CPU a matmul measured at start-up (so CPU MFU is relative to what this machine achieves).
+    peak_tflops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), f"engine.zero_stage={self.zero_stage} is not allowed: choose 0, 1, 2 or 3")
+        _check(self.grad_accum >= 1, f"engine.grad_accum={self.grad_accum} must be >= 1")
+        _check(self.grad_clip >= 0, f"engine.grad_clip={self.grad_clip} must be >= 0")
+        _check(self.backend in ("auto", "nccl", "gloo"), f"engine.backend={self.backend!r} is not allowed: choose auto, nccl or gloo")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # steps; a final checkpoint is always written
+    keep: int = 2  # newest complete checkpoints kept; older ones are deleted
+    resume: str = "auto"  # auto: newest complete checkpoint in run_dir if any | none | a checkpoint path
+
+    def __post_init__(self) -> None:
+        _check(self.every >= 1, f"checkpoint.every={self.every} must be >= 1")
+        _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.auto
+    project: str = "clipforge"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+
+
+@dataclass
+class ZeroShotSet:
+    name: str = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    limit: Optional[int] = None  # first N test images (periodic evals use eval.periodic_limit)
+
+
+@dataclass
+class RetrievalSet:
+    name: str = "tuxpaint"
+    data: str = "${data.root}/heldout"  # manifest of a held-out split
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # steps between periodic evals; 0: only at the end
+    batch_size: int = 256
+    periodic_limit: Optional[int] = 2000  # zero-shot images used by periodic evals (the final uses all)
+    zeroshot: list[ZeroShotSet] = field(default_factory=lambda: [ZeroShotSet()])
+    retrieval: list[RetrievalSet] = field(default_factory=lambda: [RetrievalSet()])
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/demo/train"
+    steps: int = 100
+    seed: int = 0
+    log_every: int = 10
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, f"steps={self.steps} must be >= 1")
+        _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        _check(self.optim.warmup_steps <= self.steps,
+               f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def to_config(cfg: DictConfig) -> TrainConfig:
+    """Instantiate the typed config (running every ``__post_init__`` check)."""
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, TrainConfig), f"expected a TrainConfig, got {type(obj).__name__}"
+    return obj
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, JSON/YAML-ready dict of a config (enums as their values)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+register_configs()

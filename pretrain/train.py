@@ -1,0 +1,42 @@
+"""Training entry point: config -> build -> train -> close.
+
+    torchrun --nproc_per_node=2 -m pretrain.train model=demo steps=300     # or: python -m launch train ...
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pretrain.config import ConfigError, to_config
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="train")
+def main(dict_cfg: DictConfig) -> None:
+    setup_logging()
+    try:
+        cfg = to_config(dict_cfg)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    from pretrain.trainer import Trainer  # after validation: a bad config fails before heavy imports
+
+    trainer = Trainer(cfg)
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main()

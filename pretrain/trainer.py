@@ -1,0 +1,197 @@
+"""The training loop: one Trainer for every model; the loop reads as its named steps."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from data_prep.atomic import atomic_write
+from pretrain import engine as engine_lib
+from pretrain.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
+from pretrain.config import TrainConfig, to_dict
+from pretrain.data import TrainLoader, Tokenizer, image_transform
+from pretrain.evaluate import Evaluator
+from pretrain.losses import ClipLoss
+from pretrain.models import CLIP
+from pretrain.monitor import Monitor, NullMonitor, make_monitor
+from pretrain.task import ContrastiveTask
+from pretrain.throughput import Throughput, device_peak_tflops
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class TrainState:
+    """Global progress; saved in DeepSpeed's client state (per-rank state goes in rank files)."""
+
+    step: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0  # time in training steps (evals and checkpoints excluded)
+    wandb_run_id: Optional[str] = None
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.dist = engine_lib.init_distributed(cfg.engine.backend)
+        self.run_dir = Path(cfg.run_dir)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.tokenizer = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
+        if cfg.model.text.vocab_size == 0:
+            cfg.model.text.vocab_size = self.tokenizer.vocab_size
+        model = CLIP(cfg.model, eos_id=self.tokenizer.eos_id)
+        self.engine = engine_lib.initialize(ContrastiveTask(model, ClipLoss(cfg.loss.local_loss)), cfg)
+        self.dtype = engine_lib.compute_dtype(cfg)
+        self.loader = TrainLoader(cfg.data, cfg.model.vision.image_size, self.tokenizer, self.dist.rank, self.dist.world_size)
+        self.evaluator = Evaluator(cfg.eval, self.tokenizer, image_transform(cfg.model.vision.image_size))
+        self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist.rank, self.dist.world_size)
+        self.samples_per_step = self.dist.world_size * cfg.data.batch_size * cfg.engine.grad_accum
+        peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
+        self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
+        self.state = TrainState()
+        self.monitor: Monitor = NullMonitor()
+        self.config_yaml = OmegaConf.to_yaml(to_dict(cfg)).encode()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with atomic_write(self.run_dir / "config.yaml") as f:
+                f.write(self.config_yaml)
+
+    @property
+    def model(self) -> CLIP:
+        return self.engine.module.model
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, Any]:
+        self.maybe_resume()
+        self.monitor = make_monitor(self.cfg.wandb, self.run_dir, to_dict(self.cfg), self.state.wandb_run_id, self.dist.is_main)
+        self.state.wandb_run_id = self.monitor.run_id
+        log.info("training %s: %d steps x %d samples on %d rank(s), ZeRO-%d, %s",
+                 self.cfg.model.name, self.cfg.steps, self.samples_per_step, self.dist.world_size,
+                 self.cfg.engine.zero_stage, self.cfg.engine.precision.value)
+        interval = Interval.start(self)
+        while self.state.step < self.cfg.steps:
+            losses = self.train_step()
+            self.state.step += 1
+            self.state.samples += self.samples_per_step
+            if self.state.step % self.cfg.log_every == 0 or self.state.step == self.cfg.steps:
+                self.log_metrics(losses, interval)
+                interval = Interval.start(self)
+            if self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 and self.state.step < self.cfg.steps:
+                self.evaluate(limit=self.cfg.eval.periodic_limit)
+                interval = Interval.start(self)
+            if self.state.step % self.cfg.checkpoint.every == 0 and self.state.step < self.cfg.steps:
+                self.save_checkpoint()
+                interval = Interval.start(self)
+        final = self.evaluate(limit=None)
+        self.save_checkpoint()
+        return self.write_summary(final)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: grad_accum micro-steps of forward, backward, (boundary) update."""
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(())
+        for _ in range(self.cfg.engine.grad_accum):
+            batch = self.loader.next()
+            images = batch["images"].to(self.dist.device, self.dtype, non_blocking=True)  # (B, 3, H, W)
+            tokens = batch["tokens"].to(self.dist.device, non_blocking=True)  # (B, L)
+            out = self.engine(images, tokens)
+            self.engine.backward(out["loss"])
+            self.engine.step()  # DeepSpeed updates only at the accumulation boundary
+            loss_sum += out["contrastive"].float().cpu()
+        self.state.train_seconds += time.perf_counter() - t0
+        return {"loss": loss_sum.item() / self.cfg.engine.grad_accum, "logit_scale": out["logit_scale"].float().item()}
+
+    def log_metrics(self, losses: dict[str, float], interval: "Interval") -> None:
+        """Collective (all ranks): rank-averaged loss and data-wait fraction, then rank 0 logs."""
+        seconds = time.perf_counter() - interval.t0
+        wait_frac = (self.loader.wait_seconds - interval.wait0) / max(seconds, 1e-9)
+        packed = torch.tensor([losses["loss"], wait_frac], dtype=torch.float64)
+        dist.all_reduce(packed)
+        packed /= self.dist.world_size
+        samples = (self.state.step - interval.step0) * self.samples_per_step
+        metrics = {
+            "train/loss": packed[0].item(),
+            "train/lr": self.engine.get_lr()[0],
+            "train/logit_scale": losses["logit_scale"],
+            **self.throughput.metrics(samples, seconds),
+            "data/wait_frac": packed[1].item(),
+            "data/epoch": self.loader.epoch,
+            "data/corrupt_samples": float(self.loader.corrupt),
+        }
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        self.monitor.log(metrics, step=self.state.step)
+        log.info("step %d/%d | loss %.4f | lr %.2e | scale %.1f | %.0f samples/s | mfu %.1f%% | data wait %.0f%%",
+                 self.state.step, self.cfg.steps, metrics["train/loss"], metrics["train/lr"], metrics["train/logit_scale"],
+                 metrics["train/samples_per_sec"], 100 * metrics["train/mfu"], 100 * metrics["data/wait_frac"])
+
+    def evaluate(self, limit: Optional[int]) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = self.evaluator.run(self.model, self.dist.device, self.dtype, limit=limit)
+        self.monitor.log(metrics, step=self.state.step)
+        log.info("eval at step %d (%.1fs): %s", self.state.step, time.perf_counter() - t0,
+                 " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in sorted(metrics.items())))
+        return metrics
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        client_state = {"train_state": asdict(self.state), "config": to_dict(self.cfg)}
+        rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
+        files = {"config.yaml": self.config_yaml, "tokenizer.model": Path(self.tokenizer.model_path).read_bytes()}
+        path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, files)
+        log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
+
+    def maybe_resume(self) -> None:
+        path = resolve_resume(self.cfg.checkpoint.resume, self.checkpointer.root)
+        if path is None:
+            return
+        client_state, rank_state = self.checkpointer.load(self.engine, path)
+        self.state = TrainState(**client_state["train_state"])
+        self.loader.load_state_dict(rank_state["data"])
+        set_rng_state(rank_state["rng"])
+        log.info("resumed from %s at step %d", path, self.state.step)
+
+    # -- end --------------------------------------------------------------------------------------
+    def write_summary(self, final_eval: dict[str, float]) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "steps": self.state.step,
+            "samples": self.state.samples,
+            "train/samples_per_sec": self.state.samples / max(self.state.train_seconds, 1e-9),
+            **final_eval,
+        }
+        if self.dist.is_main:
+            self.monitor.summary(summary)
+            with atomic_write(self.run_dir / SUMMARY_FILE, "w") as f:
+                json.dump(summary, f, indent=1)
+        return summary
+
+    def close(self) -> None:
+        self.loader.close()
+        self.monitor.close()
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+@dataclass
+class Interval:
+    """Where a logging interval started: its time, step and the loader's wait counter."""
+
+    t0: float
+    step0: int
+    wait0: float
+
+    @classmethod
+    def start(cls, trainer: Trainer) -> "Interval":
+        return cls(time.perf_counter(), trainer.state.step, trainer.loader.wait_seconds)

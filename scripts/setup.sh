@@ -1,0 +1,42 @@
+# Sourced by ./run: make this machine ready, idempotently, from nothing (fresh Debian, root).
+# Installs the Debian packages with the real data, a Python with venv, then the project into .venv.
+# Re-running is cheap: each step checks first and skips what is already done.
+
+APT_DATA_PACKAGES=(dataset-fashion-mnist tuxpaint-stamps-default)
+VENV="${CLIPFORGE_VENV:-$PWD/.venv}"
+
+_as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@";
+  elif command -v sudo >/dev/null; then sudo "$@";
+  else echo "setup: '$*' needs root (run as root or install sudo)" >&2; return 1; fi
+}
+
+_apt_install() {
+  # Only touch apt when something is missing: `apt-get update` alone costs ~20 s.
+  local missing=()
+  for p in "$@"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "setup: apt-get install ${missing[*]}"
+  _as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive _as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+_python_ok() {
+  command -v python3 >/dev/null && python3 - <<'PY' 2>/dev/null
+import sys, venv, ensurepip  # ensurepip is what Debian's python3 lacks without python3-venv
+sys.exit(0 if sys.version_info >= (3, 10) else 1)
+PY
+}
+
+setup_machine() {
+  _python_ok || _apt_install python3 python3-venv python3-dev ca-certificates
+  _apt_install "${APT_DATA_PACKAGES[@]}"
+  local stamp="$VENV/.clipforge-installed" want
+  want=$(sha256sum setup.py | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  echo "setup: pip install -e '.[dev]' into $VENV (first time: a few minutes)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -e '.[dev]'
+  echo "$want" > "$stamp"
+}
