@@ -149,12 +149,13 @@ def load_config(overrides: Optional[list[str]] = None) -> PrepConfig:
     except ConfigError:
         raise
     except Exception as e:  # hydra wraps OmegaConf's validation errors; report the root cause in one line
-        raise ConfigError(_hydra_message(e)) from None
+        raise ConfigError(hydra_error_message(e)) from None
     finally:
         restore_gh_from_backup(backup)
 
 
-def _hydra_message(e: BaseException) -> str:
+def hydra_error_message(e: BaseException) -> str:
+    """One line for a hydra/OmegaConf failure: the root cause, with the field it names."""
     while e.__cause__ is not None and not isinstance(e, OmegaConfBaseException):
         e = e.__cause__
     if isinstance(e, OmegaConfBaseException):

@@ -31,9 +31,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             from launch.demo import run_demo
 
             sys.exit(run_demo(nproc, args.overrides))
-        compose_train_config(args.overrides)  # fail here, in one line, before any rank starts
+        from pretrain.data.check import check_inputs
+
+        check_inputs(compose_train_config(args.overrides))  # fail here, in one line, before any rank starts
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     sys.exit(run_torchrun(nproc, args.overrides))
 
 

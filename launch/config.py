@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from data_prep.config import hydra_error_message
 from pretrain.config import ConfigError, TrainConfig, to_config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -18,5 +19,4 @@ def compose_train_config(overrides: list[str]) -> TrainConfig:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
             return to_config(compose(config_name="train", overrides=list(overrides)))
     except (HydraException, OmegaConfBaseException) as e:
-        # OmegaConf's message spans lines (value, full_key, object_type): keep them, drop blanks.
-        raise ConfigError(" | ".join(line.strip() for line in str(e).splitlines() if line.strip())) from e
+        raise ConfigError(hydra_error_message(e)) from e

@@ -48,7 +48,7 @@ def run_demo(nproc: int, overrides: list[str]) -> int:
     cfg = compose_train_config(overrides)
     run_dir = Path(cfg.run_dir)
     print("== [1/3] dataset")
-    ensure_dataset(Path(cfg.data.train).parent)
+    ensure_dataset(Path(cfg.data.root))
     print(f"== [2/3] training on {nproc} rank(s)")
     rc = run_torchrun(nproc, overrides)
     if rc != 0:

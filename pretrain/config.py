@@ -184,7 +184,10 @@ class EvalConfig:
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/demo/train"
-    steps: int = 100
+    steps: int = 100  # optimizer steps of the whole schedule (warmup + cosine)
+    # End THIS run after step N with a checkpoint (the schedule still spans `steps`); a later run
+    # with the same run_dir resumes. For jobs with a time limit shorter than the schedule.
+    stop_at: Optional[int] = None
     seed: int = 0
     log_every: int = 10
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -199,6 +202,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"steps={self.steps} must be >= 1")
         _check(self.log_every >= 1, f"log_every={self.log_every} must be >= 1")
+        _check(self.stop_at is None or 1 <= self.stop_at <= self.steps,
+               f"stop_at={self.stop_at} must be between 1 and steps={self.steps}")
         _check(self.optim.warmup_steps <= self.steps,
                f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
 

@@ -12,6 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pretrain.config import ConfigError, to_config
+from pretrain.data.check import check_inputs
 
 
 def setup_logging() -> None:
@@ -27,8 +28,10 @@ def main(dict_cfg: DictConfig) -> None:
     setup_logging()
     try:
         cfg = to_config(dict_cfg)
+        check_inputs(cfg)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
     from pretrain.trainer import Trainer  # after validation: a bad config fails before heavy imports
 
     trainer = Trainer(cfg)

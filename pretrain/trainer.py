@@ -78,7 +78,8 @@ class Trainer:
                  self.cfg.model.name, self.cfg.steps, self.samples_per_step, self.dist.world_size,
                  self.cfg.engine.zero_stage, self.cfg.engine.precision.value)
         interval = Interval.start(self)
-        while self.state.step < self.cfg.steps:
+        end = self.cfg.stop_at or self.cfg.steps
+        while self.state.step < end:
             losses = self.train_step()
             self.state.step += 1
             self.state.samples += self.samples_per_step
@@ -88,9 +89,13 @@ class Trainer:
             if self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 and self.state.step < self.cfg.steps:
                 self.evaluate(limit=self.cfg.eval.periodic_limit)
                 interval = Interval.start(self)
-            if self.state.step % self.cfg.checkpoint.every == 0 and self.state.step < self.cfg.steps:
+            if self.state.step % self.cfg.checkpoint.every == 0 and self.state.step < end:
                 self.save_checkpoint()
                 interval = Interval.start(self)
+        if self.state.step < self.cfg.steps:  # stopped early (stop_at): a later run resumes
+            self.save_checkpoint()
+            log.info("stopped at step %d of %d (stop_at); resume with the same run_dir", self.state.step, self.cfg.steps)
+            return {"steps": self.state.step}
         final = self.evaluate(limit=None)
         self.save_checkpoint()
         return self.write_summary(final)

@@ -63,17 +63,22 @@ def consumer_ranges(counts: list[int], consumer: int, consumers: int) -> list[tu
 
 def read_tar(path: str, start: int, stop: int, on_error: Callable[[str], None]) -> Iterator[dict[str, Any]]:
     """Raw samples [start, stop) of one shard as webdataset dicts (bytes, nothing decoded).
-    A truncated or unreadable shard ends early and is reported, never raised."""
+    A truncated or unreadable shard ends early and is reported, never raised. (``tarfile`` stops
+    silently when a file is cut inside a header, so a shard ending short of ``stop`` is reported too.)"""
+    read = 0
     try:
         with open(path, "rb") as f:
             files = ({**member, "__url__": path} for member in tar_file_iterator(f))  # group_by_keys wants the url
-            for i, sample in enumerate(group_by_keys(files)):
-                if i >= stop:
-                    return
-                if i >= start:
+            for read, sample in enumerate(group_by_keys(files), start=1):
+                if read > start:
                     yield sample
+                if read >= stop:
+                    return
     except (OSError, tarfile.TarError, ValueError) as e:
-        on_error(f"shard {path} unreadable after some samples: {type(e).__name__}: {e}")
+        on_error(f"shard {path} is truncated or unreadable after {read} samples: {type(e).__name__}: {e}")
+        return
+    if read < stop:
+        on_error(f"shard {path} is truncated or unreadable: it ended after {read} of {stop} samples")
 
 
 def buffered_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
