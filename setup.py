@@ -30,6 +30,7 @@ EXTRAS_REQUIRE = {
     "dev": [
         "pytest==9.2.0",
         "pytest-timeout==2.4.0",
+        "psutil==7.2.2",  # bench/: process-tree memory
     ],
 }
 

@@ -20,7 +20,7 @@ class Monitor(Protocol):
 
     def summary(self, metrics: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, finished: bool = True) -> None: ...
 
 
 class NullMonitor:
@@ -34,7 +34,7 @@ class NullMonitor:
     def summary(self, metrics: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         pass
 
 
@@ -65,9 +65,9 @@ class WandbMonitor:
         for k, v in metrics.items():
             self._run.summary[k] = v
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         self._jsonl.close()
-        self._run.finish()
+        self._run.finish(exit_code=0 if finished else 1)  # a failed run shows as failed in W&B
 
 
 def make_monitor(cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: Optional[str], is_main: bool) -> Monitor:

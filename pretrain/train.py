@@ -35,10 +35,12 @@ def main(dict_cfg: DictConfig) -> None:
     from pretrain.trainer import Trainer  # after validation: a bad config fails before heavy imports
 
     trainer = Trainer(cfg)
+    finished = False
     try:
         trainer.train()
+        finished = True
     finally:
-        trainer.close()
+        trainer.close(finished)
 
 
 if __name__ == "__main__":

@@ -181,10 +181,12 @@ class Trainer:
                 json.dump(summary, f, indent=1)
         return summary
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Release workers, W&B and the process group. After a failure, no collective: the other
+        ranks may be blocked in a different one, and this rank must exit so torchrun stops them."""
         self.loader.close()
-        self.monitor.close()
-        if dist.is_initialized():
+        self.monitor.close(finished)
+        if finished and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

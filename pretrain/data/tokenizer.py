@@ -7,7 +7,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # the builder owns the id contract
 
 
 class Tokenizer:
