@@ -59,11 +59,13 @@ class Trainer:
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
         self.state = TrainState()
         self.monitor: Monitor = NullMonitor()
-        self.config_yaml = OmegaConf.to_yaml(to_dict(cfg)).encode()
+        config_yaml = OmegaConf.to_yaml(to_dict(cfg)).encode()
+        # Copied into every checkpoint so each is self-contained (export needs both).
+        self.checkpoint_files = {"config.yaml": config_yaml, "tokenizer.model": Path(self.tokenizer.model_path).read_bytes()}
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.run_dir / "config.yaml") as f:
-                f.write(self.config_yaml)
+                f.write(config_yaml)
 
     @property
     def model(self) -> CLIP:
@@ -153,8 +155,7 @@ class Trainer:
         t0 = time.perf_counter()
         client_state = {"train_state": asdict(self.state), "config": to_dict(self.cfg)}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
-        files = {"config.yaml": self.config_yaml, "tokenizer.model": Path(self.tokenizer.model_path).read_bytes()}
-        path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, files)
+        path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, self.checkpoint_files)
         log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
 
     def maybe_resume(self) -> None:
