@@ -59,7 +59,8 @@ class Trainer:
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
         self.state = TrainState()
         self.monitor: Monitor = NullMonitor()
-        config_yaml = OmegaConf.to_yaml(to_dict(cfg)).encode()
+        self.config_dict = to_dict(cfg)  # resolved once (vocab_size filled in above); fixed from here on
+        config_yaml = OmegaConf.to_yaml(self.config_dict).encode()
         # Copied into every checkpoint so each is self-contained (export needs both).
         self.checkpoint_files = {"config.yaml": config_yaml, "tokenizer.model": Path(self.tokenizer.model_path).read_bytes()}
         if self.dist.is_main:
@@ -74,7 +75,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         self.maybe_resume()
-        self.monitor = make_monitor(self.cfg.wandb, self.run_dir, to_dict(self.cfg), self.state.wandb_run_id, self.dist.is_main)
+        self.monitor = make_monitor(self.cfg.wandb, self.run_dir, self.config_dict, self.state.wandb_run_id, self.dist.is_main)
         self.state.wandb_run_id = self.monitor.run_id
         log.info("training %s: %d steps x %d samples on %d rank(s), ZeRO-%d, %s",
                  self.cfg.model.name, self.cfg.steps, self.samples_per_step, self.dist.world_size,
@@ -153,7 +154,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
-        client_state = {"train_state": asdict(self.state), "config": to_dict(self.cfg)}
+        client_state = {"train_state": asdict(self.state), "config": self.config_dict}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, self.checkpoint_files)
         log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
