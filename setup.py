@@ -24,6 +24,12 @@ INSTALL_REQUIRES = [
     "pillow==13.0.0",
     "tqdm==4.70.1",
     "matplotlib==3.11.2",
+    # data_prep: downloads, language id (model ships in the wheel), perceptual hashes
+    "requests==2.34.2",
+    "py3langid==0.4.0",
+    "imagehash==4.3.2",
+    "scipy==1.17.1",
+    "pywavelets==1.9.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -31,6 +37,7 @@ EXTRAS_REQUIRE = {
         "pytest==9.2.0",
         "pytest-timeout==2.4.0",
         "psutil==7.2.2",  # bench/: process-tree memory
+        "hypothesis==6.170.15",  # fuzzing the readers and text filters
     ],
 }
 

@@ -1,39 +1,44 @@
-"""``build(cfg)``: sources -> filters -> split -> shards, manifests, decisions, tokenizer, report.
+"""``build(cfg)``: plan -> process units (in parallel, resumable) -> merge -> tokenizer -> report.
 
 Everything is written under ``cfg.out_dir``::
 
-    out_dir/train/shard-000000.tar ... manifest.json
-    out_dir/heldout/shard-000000.tar ... manifest.json
-    out_dir/decisions.parquet  out_dir/tokenizer.model  out_dir/tokenizer.vocab  out_dir/report.md
+    out_dir/train/shard-000000.tar ... manifest.json     the dataset (``heldout/`` likewise)
+    out_dir/decisions.parquet  out_dir/tokenizer.model  out_dir/report.md  out_dir/report/*.png
+    out_dir/config.yaml                                  the resolved config
+    out_dir/.work/                                       plan and per-unit results (resume, retries)
 
-Kept samples are held in memory until sharded (they are written in uid order, which needs them
-all): fine for the demo's ~60 MB; a streaming external sort is the next step for large sources.
+On one machine ``build`` does it all, with ``workers.processes`` processes. Across machines (torchrun
+ranks or a Slurm job array) every worker runs ``build`` (or ``process``) on its share of the units
+and worker 0 merges once all units are done; see ``worker_rank``.
 """
 from __future__ import annotations
 
-import hashlib
+import multiprocessing as mp
+import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Optional, Sequence
 
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data_prep import PrepError
 from data_prep.atomic import atomic_write
 from data_prep.config import PrepConfig, load_config, to_dict
-from data_prep.decisions import (BASE_COLUMNS, DECISIONS_NAME, SOURCE_STAGE, Decision, FunnelRow, funnel,
-                                 reason_counts, render_funnel, render_reasons, write_decisions)
-from data_prep.filters import Filter, apply_filters, make_filter
+from data_prep.decisions import DECISIONS_NAME, FunnelRow, funnel, reason_counts, render_funnel, render_reasons
 from data_prep.manifest import Manifest
-from data_prep.shards import KeptSample, write_split
-from data_prep.sources import Rejected, Sample, make_source
-from data_prep.sources.base import REQUIRED_META
+from data_prep.merge import gather_decisions, judge_globals, missing_units, split_captions, write_decisions, write_splits
+from data_prep.plan import Plan, Unit, _wait_for, load_or_make_plan
+from data_prep.report import PLOTS_DIR, plot_measures, render_report, write_report
+from data_prep.split import SPLITS
 from data_prep.tokenizer import train_tokenizer
+from data_prep.worker import Context, is_done, open_sources, process_unit
 
-SPLITS = ("train", "heldout")
-REPORT_NAME = "report.md"
+CONFIG_NAME = "config.yaml"
+RUN_ONLY_KEYS = ("out_dir", "workers", "retry_failed")  # in config.yaml, not in the manifests
 
 
 @dataclass
@@ -47,92 +52,174 @@ class BuildResult:
     seconds: float
 
 
-def assign_split(uid: str, heldout_fraction: float, seed: int) -> str:
-    """``heldout`` for a ``heldout_fraction`` share of uids, decided by a hash: stable across runs,
-    independent of which other samples exist, and reshuffled only by changing ``seed``."""
-    h = int.from_bytes(hashlib.blake2b(f"{seed}:{uid}".encode(), digest_size=8).digest(), "big")
-    return "heldout" if h < heldout_fraction * 2**64 else "train"
+def worker_rank(cfg: PrepConfig) -> tuple[int, int]:
+    """``(rank, world)`` of this machine: the config's, else torchrun's, else a Slurm array task's."""
+    env = os.environ
+    if cfg.workers.world is not None:
+        return cfg.workers.rank or 0, cfg.workers.world
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_COUNT" in env and "SLURM_ARRAY_TASK_ID" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
 
 
-def decide(item: Sample | Rejected, filters: Sequence[Filter], heldout_fraction: float, seed: int) -> Decision:
-    """The fate of one input item: rejected (by its source or the first failing filter) or a split."""
-    ident = {"uid": item.uid, "source": item.source, "source_id": item.source_id}
-    if isinstance(item, Rejected):
-        return Decision(**ident, split=None, filter=SOURCE_STAGE, reason=item.reason)
-    verdict = apply_filters(filters, item)
-    if not verdict.kept:
-        return Decision(**ident, split=None, filter=verdict.filter, reason=verdict.reason, measures=verdict.measures)
-    # A sample without the contract's meta must not reach a shard, whichever filters are configured.
-    missing = [k for k in REQUIRED_META if item.meta.get(k) is None]
-    if missing:
-        return Decision(**ident, split=None, filter=SOURCE_STAGE, reason=f"missing_meta: {', '.join(missing)}",
-                        measures=verdict.measures)
-    return Decision(**ident, split=assign_split(item.uid, heldout_fraction, seed), measures=verdict.measures)
+def processes(cfg: PrepConfig, jobs: int) -> int:
+    return max(1, min(jobs, cfg.workers.processes or os.cpu_count() or 1))
 
 
-def measure_columns(filters: Sequence[Filter]) -> dict[str, type]:
-    """All filters' measure names -> types; two filters may not record under the same name."""
-    types: dict[str, type] = {}
-    for f in filters:
-        for name, typ in f.measure_types.items():
-            if name in types or name in BASE_COLUMNS:
-                raise PrepError(f"filter {f.name!r} measures {name!r}, a name already used; rename one of them")
-            types[name] = typ
-    return types
+# --- worker processes: each builds its Context once and reports progress through a shared counter.
+_CTX: Optional[Context] = None
 
 
-def render_report(cfg: PrepConfig, rows: list[FunnelRow], decisions: Sequence[Decision],
-                  manifests: dict[str, Manifest]) -> str:
-    stages = [SOURCE_STAGE, *cfg.filters]
-    lines = [
-        f"# Dataset build: {cfg.out_dir}", "",
-        "## Funnel", "",
-        "Inputs per source, rejected at each stage in run order (`-source`: unusable input such as a "
-        "missing caption), and kept samples per split.", "",
-        render_funnel(rows, stages, SPLITS), "",
-        "## Rejection reasons", "",
-        render_reasons(reason_counts(decisions)) if any(not d.kept for d in decisions) else "(none)", "",
-        "## Shards", "",
-        *(f"- `{split}/`: {m.total_samples} samples in {len(m.shards)} shard(s), {m.total_bytes / 1e6:.1f} MB"
-          for split, m in manifests.items()), "",
-    ]
-    return "\n".join(lines)
+def _init_worker(cfg: PrepConfig, counter: Any) -> None:
+    global _CTX
+
+    def progress(n: int) -> None:
+        with counter.get_lock():
+            counter.value += n
+
+    _CTX = Context.create(cfg)
+    _CTX.progress = progress
 
 
-def build(cfg: PrepConfig) -> BuildResult:
-    """Build the dataset described by ``cfg`` (a validated ``PrepConfig``) into ``cfg.out_dir``."""
-    start = time.perf_counter()
+def _run_unit(unit: Unit) -> dict[str, Any]:
+    assert _CTX is not None
+    return process_unit(_CTX, unit)
+
+
+def _progress_loop(futures: Sequence[Future], bar: tqdm, read: Callable[[], int]) -> list[Any]:
+    """Wait for ``futures``, moving ``bar`` to ``read()``; the first failure is raised."""
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+        bar.update(read() - bar.n)
+        for f in done:
+            f.result()
+    bar.update(read() - bar.n)
+    return [f.result() for f in futures]
+
+
+def open_pool(cfg: PrepConfig, jobs: int) -> tuple[Optional[ProcessPoolExecutor], Any]:
+    """``(pool, progress counter)`` for ``jobs`` units, or ``(None, None)`` when one process is enough.
+    Spawned (not forked): the workers hold download threads and possibly a model."""
+    n = processes(cfg, jobs)
+    if n == 1:
+        return None, None
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0)
+    return ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker, initargs=(cfg, counter)), counter
+
+
+def process(cfg: PrepConfig, plan: Plan, units: Sequence[Unit],
+            pool: tuple[Optional[ProcessPoolExecutor], Any] = (None, None)) -> list[dict[str, Any]]:
+    """Process ``units`` (skipping done ones unless retrying failures) in ``pool`` or in this process."""
+    todo = [u for u in units if cfg.retry_failed or not is_done(cfg, u)]
+    if not todo:
+        return []
+    executor, counter = pool
+    with tqdm(total=None, desc=f"process {len(todo)} units", unit="sample", disable=None, smoothing=0.1) as bar:
+        if executor is None:
+            ctx = Context.create(cfg)
+            ctx.progress = lambda k: bar.update(k)
+            try:
+                return [process_unit(ctx, u) for u in todo]
+            finally:
+                ctx.close()
+        start = counter.value
+        futures = [executor.submit(_run_unit, u) for u in todo]
+        return _progress_loop(futures, bar, lambda: counter.value - start)
+
+
+def _mapper(executor: Optional[ProcessPoolExecutor], desc: str) -> Callable[[Callable, Sequence], list]:
+    """Map a picklable function over jobs in ``executor`` (or here), with a progress bar."""
+
+    def run(fn: Callable, jobs: Sequence) -> list:
+        with tqdm(total=len(jobs), desc=desc, unit="shard", disable=None) as bar:
+            if executor is None or len(jobs) < 2:
+                out = []
+                for j in jobs:
+                    out.append(fn(j))
+                    bar.update(1)
+                return out
+            futures = [executor.submit(fn, j) for j in jobs]
+            return _progress_loop(futures, bar, lambda: sum(f.done() for f in futures))
+
+    return run
+
+
+def merge(cfg: PrepConfig, plan: Plan, start: float, executor: Optional[ProcessPoolExecutor] = None) -> BuildResult:
+    """Judge the global stages and write shards, manifests, decisions, tokenizer and report."""
+    from data_prep.filters import make_filter
+
     out = Path(cfg.out_dir)
     resolved = to_dict(cfg)
-    # Open every source and filter first: a missing root or bad option fails before any work.
-    sources = [make_source(name, options) for name, options in cfg.sources.items()]
-    filters = [make_filter(name, options) for name, options in cfg.filters.items()]
-    columns = measure_columns(filters)
-
-    decisions: list[Decision] = []
-    kept: dict[str, list[KeptSample]] = {split: [] for split in SPLITS}
-    for source in sources:
-        for item in tqdm(source, total=len(source), desc=source.name, unit="sample", disable=None):
-            d = decide(item, filters, source.cfg.heldout_fraction, cfg.seed)
-            decisions.append(d)
-            if d.kept:
-                kept[d.split].append(KeptSample(item, d.measures))
-
-    manifests = {split: write_split(kept[split], out / split, split, cfg.samples_per_shard, resolved)
-                 for split in SPLITS}
-    decisions_path = write_decisions(decisions, columns, out / DECISIONS_NAME)
-    rows = funnel(decisions)
-    report = render_report(cfg, rows, decisions, manifests)
-    report_path = out / REPORT_NAME
-    with atomic_write(report_path, "wb") as f:
-        f.write(report.encode("utf-8"))
-    tokenizer_path = train_tokenizer((k.sample.caption for k in kept["train"]), out,
+    stages = [make_filter(name, options) for name, options in cfg.filters.items()]
+    table, summaries = judge_globals(gather_decisions(cfg, plan), stages)
+    for s in stages:  # per-sample stages' thresholds, for the report's lines
+        summaries.setdefault(s.name, {})
+    # The manifest records what determines the data, not where or how it was built, so a resumed,
+    # relocated or multi-worker build publishes the very same manifest bytes.
+    data_config = {k: v for k, v in resolved.items() if k not in RUN_ONLY_KEYS}
+    manifests = write_splits(cfg, plan, table, data_config, _mapper(executor, "shards"))
+    decisions_path = write_decisions(table, out / DECISIONS_NAME)
+    if manifests["train"].total_samples == 0:
+        raise PrepError("no samples were kept for the train split: see decisions.parquet and the funnel above "
+                        "for what the filters removed")
+    tokenizer_path = train_tokenizer(split_captions(table, "train", cfg.tokenizer.max_sentences), out,
                                      cfg.tokenizer.vocab_size, cfg.tokenizer.model_type.value, cfg.seed)
+    with atomic_write(out / CONFIG_NAME, "w") as f:
+        f.write(OmegaConf.to_yaml(resolved))
+    thresholds = {name: {**to_dict(options), **summaries.get(name, {})} for name, options in cfg.filters.items()}
+    plots = plot_measures(table, thresholds, out / PLOTS_DIR)
     seconds = time.perf_counter() - start
-    print(f"{report}\nbuilt {out} in {seconds:.1f} s", file=sys.stdout, flush=True)
+    global_summaries = {k: v for k, v in summaries.items() if v}
+    report = render_report(out, table, list(cfg.filters), manifests, plots, global_summaries, seconds)
+    report_path = write_report(out, report)
+    rows = funnel(table)
+    print("\n" + render_funnel(rows, ["source", "download", *cfg.filters, "write"], SPLITS), file=sys.stdout)
+    if not all(r.inputs == sum(r.kept.values()) for r in rows):
+        print("\n" + render_reasons(reason_counts(table)), file=sys.stdout)
+    print(f"\nbuilt {out} in {seconds:.1f} s: report {report_path}", file=sys.stdout, flush=True)
     return BuildResult(out, manifests, decisions_path, tokenizer_path, report_path, rows, seconds)
 
 
-def build_from_overrides(overrides: list[str] | None = None) -> BuildResult:
+def prepare(cfg: PrepConfig) -> tuple[Plan, int, int]:
+    """Open the sources (fail fast) and read or make the plan; returns ``(plan, rank, world)``."""
+    from data_prep.filters import make_filter
+
+    rank, world = worker_rank(cfg)
+    sources = open_sources(cfg)
+    # Construct every stage here once (cheap: models load lazily) so that a bad option, e.g. a CLIP
+    # checkpoint that is not an export, fails in one line before any worker process starts.
+    for stage in [make_filter(name, options) for name, options in cfg.filters.items()]:
+        stage.close()
+    plan = load_or_make_plan(cfg, sources, rank, cfg.workers.wait_timeout)
+    return plan, rank, world
+
+
+def build(cfg: PrepConfig) -> Optional[BuildResult]:
+    """Build the dataset described by ``cfg`` into ``cfg.out_dir``: this worker's units, then (worker 0)
+    the merge once every unit is done. Returns None on workers other than 0."""
+    start = time.perf_counter()
+    plan, rank, world = prepare(cfg)
+    mine = plan.mine(rank, world)
+    # One pool for the units and the merge's shard writing: spawning workers costs seconds.
+    executor, counter = open_pool(cfg, max(len(mine), 2))
+    try:
+        process(cfg, plan, mine, (executor, counter))
+        if rank != 0:
+            return None
+        for unit in missing_units(cfg, plan):
+            _wait_for(Path(cfg.out_dir) / ".work" / "units" / unit.name / "DONE", cfg.workers.wait_timeout,
+                      f"unit {unit.name} from worker {unit.index % world}")
+        return merge(cfg, plan, start, executor)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+
+
+def build_from_overrides(overrides: list[str] | None = None) -> Optional[BuildResult]:
     """``build`` with ``conf/prep.yaml`` plus hydra ``overrides`` (e.g. ``["out_dir=/tmp/d"]``), in-process."""
     return build(load_config(overrides))

@@ -42,6 +42,7 @@ class ModelType(str, enum.Enum):
 class TokenizerConfig:
     vocab_size: int = 2000  # a soft limit (hard_vocab_limit=False): small corpora get fewer pieces
     model_type: ModelType = ModelType.unigram
+    max_sentences: int = 1_000_000  # distinct training captions it learns from (the first ones in shard order)
 
     def __post_init__(self) -> None:
         self.model_type = _choice(ModelType, self.model_type, "tokenizer.model_type")
@@ -50,26 +51,60 @@ class TokenizerConfig:
 
 
 @dataclass
-class PrepConfig:
-    out_dir: str = "runs/demo/data"
-    seed: int = 0  # mixes into the train/heldout split hash and seeds tokenizer training
-    samples_per_shard: int = 5000
-    # name -> options of that source's Config; every registered source by default
-    sources: dict[str, Any] = field(default_factory=lambda: {name: {} for name in SOURCES})
-    # name -> options of that filter's Config, run in this order; every registered filter by default
-    filters: dict[str, Any] = field(default_factory=lambda: {name: {} for name in FILTERS})
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+class WorkersConfig:
+    """How the work is split: ``processes`` on this machine, and this machine's share of a multi-machine
+    build (``rank`` of ``world``; None = from torchrun's RANK/WORLD_SIZE or a Slurm array's
+    SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT, else 0 of 1)."""
+
+    processes: int = 0  # 0 = one per CPU core
+    rank: Optional[int] = None
+    world: Optional[int] = None
+    wait_timeout: float = 86_400.0  # seconds the merging worker (rank 0) waits for the others' units
 
     def __post_init__(self) -> None:
+        if self.processes < 0:
+            raise ConfigError(f"workers.processes must be >= 0 (0 = one per core), got {self.processes}")
+        if self.world is not None and self.world < 1:
+            raise ConfigError(f"workers.world must be >= 1, got {self.world}")
+        if self.rank is not None and not 0 <= self.rank < (self.world or 1):
+            raise ConfigError(f"workers.rank must be in [0, workers.world), got rank={self.rank} world={self.world}")
+
+
+@dataclass
+class PrepConfig:
+    out_dir: str = "runs/demo/data"
+    seed: int = 0  # mixes into the train/heldout split hash, the unit order and tokenizer training
+    samples_per_shard: int = 5000
+    unit_size: int = 5000  # input items per unit of work (what one worker process takes at a time)
+    batch_size: int = 256  # samples fetched and measured together inside a unit
+    retry_failed: bool = False  # re-fetch only the samples whose download failed transiently
+    # name -> options of that source's Config (``type:`` picks the source, default: the name itself)
+    sources: dict[str, Any] = field(default_factory=lambda: {name: {} for name in ("fashion_mnist", "tuxpaint")})
+    # name -> options of that filter's Config, run in this order
+    filters: dict[str, Any] = field(default_factory=dict)
+    download: Any = None  # data_prep.download.DownloadConfig
+    resize: Any = None  # data_prep.resize.ResizeConfig
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+
+    def __post_init__(self) -> None:
+        from data_prep.download import DownloadConfig  # imported here: they import nothing of config
+        from data_prep.resize import ResizeConfig
+
         if not str(self.out_dir).strip():
             raise ConfigError("out_dir must not be empty")
-        if self.samples_per_shard < 1:
-            raise ConfigError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        for name in ("samples_per_shard", "unit_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.sources:
             raise ConfigError(f"sources is empty: enable at least one of {', '.join(SOURCES)}")
         if isinstance(self.tokenizer, dict):
             self.tokenizer = TokenizerConfig(**self.tokenizer)
-        self.sources = _entries("sources", self.sources, {k: v.Config for k, v in SOURCES.items()})
+        if isinstance(self.workers, dict):
+            self.workers = WorkersConfig(**self.workers)
+        self.download = parse_options(DownloadConfig, self.download, "download")
+        self.resize = parse_options(ResizeConfig, self.resize, "resize")
+        self.sources = _entries("sources", self.sources, {k: v.Config for k, v in SOURCES.items()}, typed=True)
         self.filters = _entries("filters", self.filters, {k: v.Config for k, v in FILTERS.items()})
 
 
@@ -81,13 +116,21 @@ def _choice(enum_cls: type[enum.Enum], value: Any, where: str) -> enum.Enum:
         raise ConfigError(f"{where}: {value!r} is not one of {allowed}") from None
 
 
-def _entries(group: str, entries: dict[str, Any], schemas: dict[str, type]) -> dict[str, Any]:
-    """Check each ``name: options`` of ``group`` against the registered schema, keeping the order."""
+def _entries(group: str, entries: dict[str, Any], schemas: dict[str, type], typed: bool = False) -> dict[str, Any]:
+    """Check each ``name: options`` of ``group`` against the registered schema, keeping the order.
+    With ``typed``, an entry's ``type`` option names the schema (several entries of one type)."""
     out = {}
     for name, options in (entries or {}).items():
-        if name not in schemas:
-            raise ConfigError(f"{group}.{name}: unknown {group[:-1]}; allowed: {', '.join(schemas)}")
-        out[name] = parse_options(schemas[name], options, f"{group}.{name}")
+        kind = name
+        if typed:
+            kind = getattr(options, "type", None) if not isinstance(options, dict) else options.get("type")
+            kind = kind or name
+        if kind not in schemas:
+            what = f"type {kind!r}" if kind != name else f"{group[:-1]}"
+            raise ConfigError(f"{group}.{name}: unknown {what}; allowed: {', '.join(schemas)}")
+        out[name] = parse_options(schemas[kind], options, f"{group}.{name}")
+        if typed:
+            out[name].type = kind
     return out
 
 

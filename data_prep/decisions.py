@@ -1,92 +1,78 @@
 """``decisions.parquet``: the fate of every input sample, and the funnel summarising it.
 
-One row per input: ``uid``, ``source``, ``source_id``, ``split`` (null when rejected), ``kept``,
-``filter`` (the first rejecting filter, ``source`` when the source itself could not use the item),
-``reason`` (``"code: detail"``) and one nullable column per measured value. Nothing is dropped
-silently: whatever is not in the shards is here with its reason.
+One row per input: ``uid``, ``source``, ``source_id``, ``url``, ``caption`` (as the shard has it,
+after any clean-up stage), ``split`` (null when rejected),
+``kept``, ``filter`` (the first rejecting stage: a filter name, ``source`` when the source could
+not use the item, ``download`` when fetching failed, ``write`` when re-encoding failed),
+``reason`` (``"code: detail"``), ``retryable`` (a transient download failure that
+``retry_failed=true`` fetches again) and one nullable column per measured value. Nothing is
+dropped silently: whatever is not in the shards is here with its reason.
 """
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
-
-from data_prep.atomic import atomic_write
-from data_prep.filters.base import Measures
+import pyarrow.compute as pc
 
 DECISIONS_NAME = "decisions.parquet"
-SOURCE_STAGE = "source"  # ``filter`` value of items their source rejected (e.g. no_caption)
-BASE_COLUMNS = ("uid", "source", "source_id", "split", "kept", "filter", "reason")
+SOURCE_STAGE = "source"  # ``filter`` of items their source rejected (e.g. no_caption)
+DOWNLOAD_STAGE = "download"  # ``filter`` of samples whose image could not be fetched
+WRITE_STAGE = "write"  # ``filter`` of samples whose image could not be re-encoded for the shard
+BASE_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("source", pa.string()), ("source_id", pa.string()), ("url", pa.string()),
+    ("caption", pa.string()), ("split", pa.string()), ("kept", pa.bool_()), ("filter", pa.string()), ("reason", pa.string()),
+    ("retryable", pa.bool_()),
+])
+BASE_COLUMNS = tuple(BASE_SCHEMA.names)
 _ARROW_TYPES = {int: pa.int64(), float: pa.float64(), str: pa.string(), bool: pa.bool_()}
 
 
-@dataclass
-class Decision:
-    uid: str
-    source: str
-    source_id: str
-    split: str | None
-    filter: str | None = None
-    reason: str | None = None
-    measures: Measures = field(default_factory=dict)
-
-    @property
-    def kept(self) -> bool:
-        return self.reason is None
+def schema(measure_types: dict[str, type], extra: Sequence[pa.Field] = ()) -> pa.Schema:
+    """Base columns, then ``extra`` (internal bookkeeping), then one column per measure."""
+    return pa.schema([*BASE_SCHEMA, *extra, *(pa.field(n, _ARROW_TYPES[t]) for n, t in measure_types.items())])
 
 
-def decisions_table(decisions: Sequence[Decision], measure_types: dict[str, type]) -> pa.Table:
-    """Columns in a fixed order with fixed types, so empty or all-null columns keep their schema."""
-    columns = {
-        "uid": pa.array([d.uid for d in decisions], pa.string()),
-        "source": pa.array([d.source for d in decisions], pa.string()),
-        "source_id": pa.array([d.source_id for d in decisions], pa.string()),
-        "split": pa.array([d.split for d in decisions], pa.string()),
-        "kept": pa.array([d.kept for d in decisions], pa.bool_()),
-        "filter": pa.array([d.filter for d in decisions], pa.string()),
-        "reason": pa.array([d.reason for d in decisions], pa.string()),
-    }
-    for name, typ in measure_types.items():
-        columns[name] = pa.array([d.measures.get(name) for d in decisions], _ARROW_TYPES[typ])
-    return pa.table(columns)
-
-
-def write_decisions(decisions: Sequence[Decision], measure_types: dict[str, type], path: str | Path) -> Path:
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        pq.write_table(decisions_table(decisions, measure_types), f)
-    return path
+def rows_table(rows: Sequence[dict[str, Any]], table_schema: pa.Schema) -> pa.Table:
+    """Rows (dicts; missing keys are null) as a table with a fixed schema, so empty or all-null
+    columns keep their type and tables of different units concatenate."""
+    return pa.table({f.name: pa.array([r.get(f.name) for r in rows], f.type) for f in table_schema},
+                    schema=table_schema)
 
 
 @dataclass
 class FunnelRow:
     source: str
     inputs: int = 0
-    rejected: Counter = field(default_factory=Counter)  # stage (filter name or "source") -> count
+    rejected: Counter = field(default_factory=Counter)  # stage -> count
     kept: Counter = field(default_factory=Counter)  # split -> count
 
 
-def funnel(decisions: Sequence[Decision]) -> list[FunnelRow]:
-    """Per source (in first-seen order) then a ``total`` row."""
-    rows: dict[str, FunnelRow] = {}
+def funnel(table: pa.Table) -> list[FunnelRow]:
+    """Per source (in first-seen order) then a ``total`` row; grouped in Arrow, not per row in Python."""
+    grouped = table.group_by(["source", "kept", "filter", "split"], use_threads=False).aggregate([("uid", "count")])
+    order = {s: i for i, s in enumerate(pc.unique(table["source"]).to_pylist())}
+    rows: dict[str, FunnelRow] = {s: FunnelRow(s) for s in order}
     total = FunnelRow("total")
-    for d in decisions:
-        for row in (rows.setdefault(d.source, FunnelRow(d.source)), total):
-            row.inputs += 1
-            if d.kept:
-                row.kept[d.split] += 1
+    for g in grouped.to_pylist():
+        for row in (rows[g["source"]], total):
+            row.inputs += g["uid_count"]
+            if g["kept"]:
+                row.kept[g["split"]] += g["uid_count"]
             else:
-                row.rejected[d.filter] += 1
+                row.rejected[g["filter"]] += g["uid_count"]
     return [*rows.values(), total]
 
 
-def reason_counts(decisions: Sequence[Decision]) -> Counter:
+def reason_counts(table: pa.Table) -> Counter:
     """(source, filter, reason code) -> count; the code is the reason up to its first colon."""
-    return Counter((d.source, d.filter, d.reason.split(":", 1)[0]) for d in decisions if not d.kept)
+    rejected = table.filter(pc.invert(table["kept"]))
+    codes = pc.list_element(pc.split_pattern(rejected["reason"], ":", max_splits=1), 0)
+    t = pa.table({"source": rejected["source"], "filter": rejected["filter"], "code": codes})
+    grouped = t.group_by(["source", "filter", "code"], use_threads=False).aggregate([("code", "count")])
+    return Counter({(g["source"], g["filter"], g["code"]): g["code_count"] for g in grouped.to_pylist()})
 
 
 def _markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -103,8 +89,9 @@ def _markdown(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def render_funnel(rows: Sequence[FunnelRow], stages: Sequence[str], splits: Sequence[str]) -> str:
     """Markdown table: source | input | rejected by each stage, in run order | kept per split."""
-    header = ["source", "input", *(f"-{s}" for s in stages), *(f"kept {s}" for s in splits)]
-    body = [[r.source, r.inputs, *(r.rejected[s] for s in stages), *(r.kept[s] for s in splits)] for r in rows]
+    used = [s for s in stages if any(r.rejected[s] for r in rows) or s not in (SOURCE_STAGE, DOWNLOAD_STAGE, WRITE_STAGE)]
+    header = ["source", "input", *(f"-{s}" for s in used), *(f"kept {s}" for s in splits)]
+    body = [[r.source, r.inputs, *(r.rejected[s] for s in used), *(r.kept[s] for s in splits)] for r in rows]
     return _markdown(header, body)
 
 

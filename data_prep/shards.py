@@ -1,26 +1,28 @@
-"""Write one split's kept samples as balanced WebDataset shards plus their ``manifest.json``.
+"""The shard contract's sample records (read by ``pretrain.data``).
 
-Shard contract (read by ``pretrain.data``): a tar holds samples as files sharing a key, the key
-being the sample's uid: ``<uid>.<png|jpg|webp>`` (encoded image), ``<uid>.txt`` (UTF-8 caption) and
-``<uid>.json`` (``uid``, ``source``, ``source_id``, ``width``, ``height``, ``original_width``,
-``original_height``, ``lang``, source extras and the filters' measures). Samples go in uid order,
-which interleaves sources pseudo-randomly (uids are hashes). Every shard holds exactly
+A tar holds samples as files sharing a key, the key being the sample's uid:
+``<uid>.<png|jpg|webp>`` (encoded image), ``<uid>.txt`` (UTF-8 caption) and ``<uid>.json``
+(``uid``, ``source``, ``source_id``, ``width``, ``height``, ``original_width``,
+``original_height``, ``lang``, source extras and the stages' measures). Workers write these records
+into their units' tars; the merge copies them unchanged into the final shards, in build order
+(units interleaved across sources, input order within a unit). Every shard holds exactly
 ``samples_per_shard`` samples except the last, so ranks can be balanced from the manifest alone.
 Tars are byte-for-byte reproducible (fixed mtime, sorted members), hence so are their sha256.
+
+A sample's members are serialised once (``record_bytes``: tarfile's own USTAR headers, data padded
+to 512-byte blocks) and from then on only copied as a byte range: the merge builds each shard by
+concatenating ranges of the units' tars (``TarAppender``) instead of parsing and re-serialising
+every member, which was most of a build's CPU time.
 """
 from __future__ import annotations
 
 import json
+import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import IO, Any, Sequence
 
-import webdataset as wds
-from tqdm import tqdm
-
-from data_prep.atomic import atomic_write, sha256_file
 from data_prep.filters.base import Measures
-from data_prep.manifest import Manifest, ShardInfo
 from data_prep.sources.base import REQUIRED_META, Sample
 
 SHARD_NAME = "shard-{:06d}.tar"
@@ -40,7 +42,10 @@ def sample_json(kept: KeptSample) -> dict[str, Any]:
     missing = [k for k in REQUIRED_META if s.meta.get(k) is None]
     if missing:
         raise ValueError(f"sample {s.source}:{s.source_id} lacks meta {missing} required by the shard contract")
-    return {"uid": s.uid, "source": s.source, "source_id": s.source_id, **s.meta, **kept.measures}
+    # Meta last: the contract's width/height are the written image's, while the image stage's
+    # measures of the same names are the original's (also in original_width/height and decisions).
+    where = {"url": s.url} if s.url is not None else {}
+    return {**kept.measures, "uid": s.uid, "source": s.source, "source_id": s.source_id, **where, **s.meta}
 
 
 def tar_record(kept: KeptSample) -> dict[str, Any]:
@@ -54,38 +59,44 @@ def tar_record(kept: KeptSample) -> dict[str, Any]:
     }
 
 
-def write_shard(path: Path, samples: Sequence[KeptSample]) -> ShardInfo:
-    """Write ``samples`` to ``path`` under a temp name, rename when complete, then describe it."""
-    with atomic_write(path, "wb") as f:
-        with wds.TarWriter(f, encoder=False, mtime=TAR_MTIME) as writer:
-            for kept in samples:
-                writer.write(tar_record(kept))
-    return ShardInfo(name=path.name, samples=len(samples), bytes=path.stat().st_size, sha256=sha256_file(path))
+def _member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), TAR_MTIME, 0o444
+    return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict") + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
 
 
-def write_split(
-    samples: Sequence[KeptSample],
-    folder: str | Path,
-    split: str,
-    samples_per_shard: int,
-    config: dict[str, Any],
-) -> Manifest:
-    """Shard ``samples`` (any order; written in uid order) into ``folder`` and save its manifest.
+def record_bytes(record: dict[str, Any]) -> bytes:
+    """A webdataset sample dict (``__key__`` plus extension -> bytes) as consecutive tar members,
+    sorted by extension (the order webdataset's own writer uses)."""
+    key = record["__key__"]
+    return b"".join(_member(f"{key}.{ext}", record[ext]) for ext in sorted(record) if not ext.startswith("__"))
 
-    An empty split still gets a manifest (with no shards) so readers fail with a clear message.
-    Shards of an earlier build that the new manifest does not list are removed afterwards."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    ordered = sorted(samples, key=lambda k: k.sample.uid)
-    chunks = [ordered[i: i + samples_per_shard] for i in range(0, len(ordered), samples_per_shard)]
-    shards = [
-        write_shard(folder / SHARD_NAME.format(i), chunk)
-        for i, chunk in enumerate(tqdm(chunks, desc=f"shards {split}", unit="shard", disable=None))
-    ]
-    manifest = Manifest(shards=shards, split=split, config=config, root=folder)
-    manifest.save()
-    listed = {s.name for s in shards}
-    for stale in folder.glob(SHARD_GLOB):
-        if stale.name not in listed:
-            stale.unlink()
-    return manifest
+
+class TarAppender:
+    """Writes a tar as a sequence of already serialised member blocks; ``append`` returns each
+    blob's ``(offset, size)`` in the file so it can be copied out again without parsing."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.offset = f, 0
+
+    def append(self, blob: bytes) -> tuple[int, int]:
+        start = self.offset
+        self.f.write(blob)
+        self.offset += len(blob)
+        return start, len(blob)
+
+    def finish(self) -> None:
+        """The end-of-archive marker (two zero blocks), padded to a whole tar record as tarfile does."""
+        end = 2 * tarfile.BLOCKSIZE
+        self.f.write(b"\0" * (end + (-(self.offset + end) % tarfile.RECORDSIZE)))
+
+
+def copy_ranges(out: TarAppender, tar: str | Path, ranges: Sequence[tuple[int, int]]) -> None:
+    """Append the byte ranges ``(offset, size)`` of ``tar`` (whole samples) to ``out``, in order."""
+    with open(tar, "rb") as f:
+        for offset, size in ranges:
+            f.seek(offset)
+            blob = f.read(size)
+            if len(blob) != size:
+                raise ValueError(f"{tar} is shorter than its decisions say ({offset}+{size}): it was damaged")
+            out.append(blob)

@@ -1,15 +1,15 @@
-"""Registry of filters: config key -> class. A new filter is one file, one line here and one entry
-under ``filters:`` in ``conf/prep.yaml`` (the order there is the order they run in)."""
+"""Registry of filter stages: config key -> class, discovered from the modules of this package.
+
+A new stage is one file here defining a ``Filter`` subclass with a ``name``; it is found
+automatically. The order under ``filters:`` in the config (``conf/filters/*.yaml``) is the order
+stages run in.
+"""
 from __future__ import annotations
 
 from data_prep.filters.base import Filter, Measures, Reject, Verdict, apply_filters
-from data_prep.filters.caption_length import CaptionLengthFilter
-from data_prep.filters.image_size import ImageSizeFilter
+from data_prep.registry import discover
 
-FILTERS: dict[str, type[Filter]] = {cls.name: cls for cls in (
-    ImageSizeFilter,
-    CaptionLengthFilter,
-)}
+FILTERS: dict[str, type[Filter]] = discover(__name__, __path__, Filter)
 
 
 def make_filter(name: str, cfg) -> Filter:
@@ -17,4 +17,3 @@ def make_filter(name: str, cfg) -> Filter:
 
 
 __all__ = ["FILTERS", "Filter", "Measures", "Reject", "Verdict", "apply_filters", "make_filter"]
-

@@ -31,10 +31,13 @@ class Sample:
     uid: str
     source: str
     source_id: str
-    image: bytes  # encoded image file, written to the shard unchanged
-    image_ext: str  # "png" | "jpg" | "webp": the shard member's extension
+    image: bytes | None  # encoded image file; None until fetched from ``url``
+    image_ext: str  # "png" | "jpg" | "webp": the shard member's extension ("" until fetched)
     caption: str
     meta: dict[str, Any] = field(default_factory=dict)  # REQUIRED_META + source-specific extras
+    url: str | None = None  # where ``image`` comes from when the source does not read it itself
+    # Decoded pixels, cached by ``data_prep.images.decode`` so several image stages decode once.
+    decoded: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Rejected:
 class SourceConfig:
     """Options every source has; a source subclasses this to add its own and change defaults."""
 
+    type: Optional[str] = None  # the registered source type; None = the config entry's name
     root: str = ""
     limit: Optional[int] = None  # at most this many input items (the first ones); None = all
     heldout_fraction: float = 0.0  # share of this source's kept samples that goes to the heldout split
@@ -63,29 +67,55 @@ class SourceConfig:
 
 
 class Source(abc.ABC):
-    """An iterable of ``Sample | Rejected`` in a deterministic order, with ``len()`` for progress bars."""
+    """Raw data split into *units*: the pieces of work the builder hands to its workers.
 
-    name: ClassVar[str]  # registry key and the ``source`` field of every sample
+    ``plan`` lists the units once (deterministically; it may write chunk files under ``work_dir``,
+    e.g. a streaming table reader cutting a 100M-row table into row chunks); ``read`` yields one
+    unit's items, ``Sample | Rejected``, in a deterministic order. Any process, on any machine
+    sharing ``work_dir``, can ``read`` any unit of the plan, which is what makes the work
+    splittable and a killed build resumable unit by unit."""
+
+    name: ClassVar[str]  # registry key and the default ``source`` field of every sample
     Config: ClassVar[type[SourceConfig]]
-    debian_package: ClassVar[str]  # where the default root comes from, named in the missing-root error
+    debian_package: ClassVar[str] = ""  # where the default root comes from, named in the missing-root error
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceConfig, name: str | None = None) -> None:
         self.cfg = cfg
+        self.label = name or self.name  # the config entry's key: several entries may share a type
         self.root = Path(cfg.root)
         if not self.root.exists():
-            raise SourceError(
-                f"sources.{self.name}.root: {self.root} does not exist; install it with "
-                f"`apt-get install {self.debian_package}` or point sources.{self.name}.root at a copy"
-            )
+            how = (f"install it with `apt-get install {self.debian_package}` or point "
+                   if self.debian_package else "point ")
+            raise SourceError(f"sources.{self.label}.root: {self.root} does not exist; {how}"
+                              f"sources.{self.label}.root at a copy")
 
-    @abc.abstractmethod
-    def __iter__(self) -> Iterator[Sample | Rejected]: ...
+    def plan(self, work_dir: Path, unit_size: int) -> list[str]:
+        """Unit ids of this source, in order. Default: ``"start-stop"`` ranges of ``len(self)`` items."""
+        n = len(self)
+        return [f"{a}-{min(a + unit_size, n)}" for a in range(0, n, unit_size)]
 
-    @abc.abstractmethod
-    def __len__(self) -> int: ...
+    def read(self, unit: str, work_dir: Path) -> Iterator[Sample | Rejected]:
+        """The items of one unit. Default: items ``start..stop`` of ``iter_range``."""
+        a, b = (int(x) for x in unit.split("-"))
+        return self.iter_range(a, b)
+
+    def iter_range(self, start: int, stop: int) -> Iterator[Sample | Rejected]:
+        raise NotImplementedError(f"source {self.name} must implement iter_range or read")
+
+    def __len__(self) -> int:
+        raise NotImplementedError(f"source {self.name} must implement __len__ or plan")
+
+    def __iter__(self) -> Iterator[Sample | Rejected]:
+        """Every item of a range-based source, in order (tools and tests)."""
+        return self.iter_range(0, len(self))
+
+    def items(self, work_dir: Path, unit_size: int = 10_000) -> Iterator[Sample | Rejected]:
+        """Every item, unit by unit (for tools and tests; the builder reads units itself)."""
+        for unit in self.plan(work_dir, unit_size):
+            yield from self.read(unit, work_dir)
 
     def _limited(self, n: int) -> int:
         return n if self.cfg.limit is None else min(n, self.cfg.limit)
 
     def uid(self, source_id: str) -> str:
-        return make_uid(self.name, source_id)
+        return make_uid(self.label, source_id)

@@ -84,22 +84,22 @@ class FashionMnist(Source):
     debian_package = "dataset-fashion-mnist"
     split = "train"  # never t10k: that is the zero-shot benchmark
 
-    def __init__(self, cfg: FashionMnistConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: FashionMnistConfig, name: str | None = None) -> None:
+        super().__init__(cfg, name)
         self.images, self.labels = load_split(self.root, self.split)
 
     def __len__(self) -> int:
         return self._limited(len(self.labels))
 
-    def __iter__(self) -> Iterator[Sample]:
-        for i in range(len(self)):
+    def iter_range(self, start: int, stop: int) -> Iterator[Sample]:
+        for i in range(start, stop):
             source_id = f"{self.split}/{i}"
             uid = self.uid(source_id)
             label = int(self.labels[i])
             buf = io.BytesIO()
             Image.fromarray(self.images[i]).save(buf, format="PNG")
             yield Sample(
-                uid=uid, source=self.name, source_id=source_id, image=buf.getvalue(), image_ext="png",
+                uid=uid, source=self.label, source_id=source_id, image=buf.getvalue(), image_ext="png",
                 caption=caption_for(uid, label),
                 meta={"width": 28, "height": 28, "original_width": 28, "original_height": 28, "lang": "en",
                       "label": label, "classname": CLASSNAMES[label]},

@@ -77,8 +77,8 @@ class TuxPaint(Source):
     Config = TuxPaintConfig
     debian_package = "tuxpaint-stamps-default"
 
-    def __init__(self, cfg: TuxPaintConfig) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg: TuxPaintConfig, name: str | None = None) -> None:
+        super().__init__(cfg, name)
         # Sorted by relative path so the order (and what `limit` keeps) is the same on every machine.
         # SVG stamps are skipped: there is no rasterizer here.
         pngs = sorted(self.root.rglob("*.png"), key=lambda p: p.relative_to(self.root).as_posix())
@@ -87,14 +87,14 @@ class TuxPaint(Source):
     def __len__(self) -> int:
         return len(self.pngs)
 
-    def __iter__(self) -> Iterator[Sample | Rejected]:
-        for png in self.pngs:
+    def iter_range(self, start: int, stop: int) -> Iterator[Sample | Rejected]:
+        for png in self.pngs[start:stop]:
             rel = png.relative_to(self.root)
             source_id = rel.as_posix()
             uid = self.uid(source_id)
             txt = caption_file(png)
             if txt is None:
-                yield Rejected(uid=uid, source=self.name, source_id=source_id, reason="no_caption")
+                yield Rejected(uid=uid, source=self.label, source_id=source_id, reason="no_caption")
                 continue
             data = png.read_bytes()
             try:
@@ -102,7 +102,7 @@ class TuxPaint(Source):
             except DECODE_ERRORS:
                 w = h = ow = oh = None  # keep the bytes: the image_size filter records the decode error
             yield Sample(
-                uid=uid, source=self.name, source_id=source_id, image=data, image_ext="png",
+                uid=uid, source=self.label, source_id=source_id, image=data, image_ext="png",
                 caption=read_caption(txt),
                 meta={"width": w, "height": h, "original_width": ow, "original_height": oh, "lang": "en",
                       "category": rel.parts[0] if len(rel.parts) > 1 else ""},

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.build import decide
 from data_prep.config import ConfigError, load_config
 from data_prep.filters import FILTERS, Filter, apply_filters, make_filter
 from data_prep.filters.caption_length import CaptionLengthConfig
@@ -31,7 +30,7 @@ def filters() -> list[Filter]:
 def test_good_sample_is_kept_with_measures(filters):
     v = apply_filters(filters, sample())
     assert v.kept and v.measures == {"width": 200, "height": 151, "aspect_ratio": pytest.approx(200 / 151),
-                                     "caption_words": 2, "caption_chars": 7}
+                                     "image_bytes": GOOD_PNG.stat().st_size, "caption_words": 2, "caption_chars": 7}
 
 
 @pytest.mark.parametrize("png, reason", [
@@ -46,10 +45,10 @@ def test_image_size_rejects_tiny_and_elongated_stamps(filters, png, reason):
 
 def test_corrupt_image_is_recorded_not_raised(filters):
     truncated = GOOD_PNG.read_bytes()[:400]
-    d = decide(sample(image=truncated), filters, heldout_fraction=0.0, seed=0)
-    assert not d.kept and d.filter == "image_size" and d.reason.startswith("decode_error: ")
-    d = decide(sample(image=b"not an image"), filters, heldout_fraction=0.0, seed=0)
-    assert d.reason.startswith("decode_error: UnidentifiedImageError")
+    v = apply_filters(filters, sample(image=truncated))
+    assert not v.kept and v.filter == "image_size" and v.reason.startswith("decode_error: ")
+    v = apply_filters(filters, sample(image=b"not an image"))
+    assert v.reason.startswith("decode_error: UnidentifiedImageError")
 
 
 @pytest.mark.parametrize("caption, reason", [
@@ -66,10 +65,14 @@ def test_caption_length_rejects(filters, caption, reason):
 
 def test_first_rejection_wins_in_configured_order():
     bad = sample(STAMPS / "seasonal/newyears/party-horn-out.png", caption="")
-    cfg = load_config(["~filters.image_size", "+filters.image_size={min_side: 16}"])  # now runs second
+    cfg = load_config([])
     assert list(cfg.filters) == ["caption_length", "image_size"]
     v = apply_filters([make_filter(n, c) for n, c in cfg.filters.items()], bad)
     assert v.filter == "caption_length" and "width" not in v.measures  # image_size never ran
+    cfg = load_config(["~filters.caption_length", "+filters.caption_length={}"])  # now runs second
+    assert list(cfg.filters) == ["image_size", "caption_length"]
+    v = apply_filters([make_filter(n, c) for n, c in cfg.filters.items()], bad)
+    assert v.filter == "image_size" and "caption_words" not in v.measures
 
 
 def test_new_filter_is_one_class_and_one_registry_entry(monkeypatch):
@@ -96,8 +99,17 @@ def test_new_filter_is_one_class_and_one_registry_entry(monkeypatch):
         load_config(["+filters.no_digits={max_digitz: 1}"])
 
 
-def test_sample_without_contract_meta_never_reaches_a_shard():
-    s = sample(image=b"broken")
-    s.meta["width"] = None  # what a source records when it cannot read the image
-    d = decide(s, [make_filter("caption_length", CaptionLengthConfig())], heldout_fraction=0.0, seed=0)
-    assert (d.kept, d.filter, d.reason) == (False, "source", "missing_meta: width")
+def test_undecodable_image_without_image_stage_is_rejected_at_write(tmp_path):
+    """With no image stage configured, a broken image still never reaches a shard: re-encoding it for
+    the shard fails and the sample is recorded under the ``write`` stage."""
+    from data_prep.sources.tuxpaint import TuxPaint, TuxPaintConfig
+    from data_prep.worker import Context, process_items
+
+    cfg = load_config([f"out_dir={tmp_path}", "~filters.image_size", "resize.size=64"])
+    ctx = Context.create(cfg)
+    good, bad = sample(), sample(image=b"broken")
+    bad.uid = make_uid("test", "broken")
+    rec = process_items(ctx, TuxPaint(TuxPaintConfig()), iter([good, bad]))
+    by_uid = {r["uid"]: r for r in rec.rows}
+    assert by_uid[good.uid]["kept"] and [k.sample.uid for _, k in rec.kept] == [good.uid]
+    assert by_uid[bad.uid]["filter"] == "write" and by_uid[bad.uid]["reason"].startswith("decode_error")
