@@ -89,15 +89,17 @@ def _run_unit(unit: Unit) -> dict[str, Any]:
     return process_unit(_CTX, unit)
 
 
-def _progress_loop(futures: Sequence[Future], bar: tqdm, read: Callable[[], int]) -> list[Any]:
-    """Wait for ``futures``, moving ``bar`` to ``read()``; the first failure is raised."""
+def _progress_loop(futures: Sequence[Future], bar: tqdm, samples: Callable[[], int] | None = None) -> list[Any]:
+    """Wait for ``futures``, moving ``bar`` by finished futures (so it has an ETA) and showing the
+    ``samples()`` count as a postfix; the first failure is raised."""
     pending = set(futures)
     while pending:
         done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-        bar.update(read() - bar.n)
+        bar.update(len(futures) - len(pending) - bar.n)
+        if samples is not None:
+            bar.set_postfix(samples=samples(), refresh=False)
         for f in done:
             f.result()
-    bar.update(read() - bar.n)
     return [f.result() for f in futures]
 
 
@@ -119,12 +121,22 @@ def process(cfg: PrepConfig, plan: Plan, units: Sequence[Unit],
     if not todo:
         return []
     executor, counter = pool
-    with tqdm(total=None, desc=f"process {len(todo)} units", unit="sample", disable=None, smoothing=0.1) as bar:
+    with tqdm(total=len(todo), desc="process", unit="unit", disable=None, smoothing=0.1) as bar:
         if executor is None:
             ctx = Context.create(cfg)
-            ctx.progress = lambda k: bar.update(k)
+            seen = [0]
+
+            def progress(k: int) -> None:
+                seen[0] += k
+                bar.set_postfix(samples=seen[0], refresh=False)
+
+            ctx.progress = progress
             try:
-                return [process_unit(ctx, u) for u in todo]
+                out = []
+                for u in todo:
+                    out.append(process_unit(ctx, u))
+                    bar.update(1)
+                return out
             finally:
                 ctx.close()
         start = counter.value
@@ -143,8 +155,7 @@ def _mapper(executor: Optional[ProcessPoolExecutor], desc: str) -> Callable[[Cal
                     out.append(fn(j))
                     bar.update(1)
                 return out
-            futures = [executor.submit(fn, j) for j in jobs]
-            return _progress_loop(futures, bar, lambda: sum(f.done() for f in futures))
+            return _progress_loop([executor.submit(fn, j) for j in jobs], bar)
 
     return run
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from data_prep.atomic import atomic_write
 from data_prep.sources.base import REQUIRED_META, Rejected, Sample, Source, SourceConfig, SourceError
@@ -369,8 +370,10 @@ class Table(Source):
         done.unlink(missing_ok=True)
         writer = _ChunkWriter(folder, unit_size)
         left = self.cfg.limit
+        bar = tqdm(desc=f"plan {self.label}", unit="row", unit_scale=True, disable=None)
         try:
             for batch in self.batches(Path(work_dir)):
+                bar.update(batch.num_rows if left is None else min(batch.num_rows, left))
                 if left is not None:
                     batch = batch.slice(0, left)
                     left -= batch.num_rows
@@ -381,6 +384,8 @@ class Table(Source):
         except BaseException as e:
             writer.abort(e)
             raise
+        finally:
+            bar.close()
         for stale in set(p.name for p in folder.glob("chunk-*.parquet")) - set(writer.names):
             (folder / stale).unlink()  # from an earlier plan with other options
         with atomic_write(done, "w") as f:

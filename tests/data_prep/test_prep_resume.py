@@ -93,3 +93,20 @@ def test_two_workers_then_merge_equal_one_process(reference, tmp_path):
     assert fingerprint(out) == reference
     plan = json.loads((out / ".work" / "plan.json").read_text())
     assert len(plan["units"]) >= 12 and len({u["source"] for u in plan["units"]}) == 2
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (0, 1)),
+    ({"RANK": "3", "WORLD_SIZE": "4"}, (3, 4)),  # torchrun
+    ({"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}, (2, 3)),  # --array=10-12
+])
+def test_worker_share_comes_from_torchrun_or_slurm_array(monkeypatch, env, expected):
+    from data_prep.build import worker_rank
+    from data_prep.config import load_config
+
+    for k in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert worker_rank(load_config([])) == expected
+    assert worker_rank(load_config(["workers.rank=1", "workers.world=2"])) == (1, 2)  # the config wins
