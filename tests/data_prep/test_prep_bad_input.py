@@ -2,7 +2,6 @@
 the report, nothing crashes, nothing is unpickled, nothing is written outside the output folder."""
 from __future__ import annotations
 
-import io
 import pickle
 import shutil
 import tarfile
@@ -15,26 +14,9 @@ import pytest
 from data_prep.build import build_from_overrides
 from data_prep.sources import SourceError
 from data_prep.sources.tuxpaint import caption_file, read_caption
+from tests.data_prep.hostile import Trap, add_member
 
 STAMPS = Path("/usr/share/tuxpaint/stamps/animals/birds")
-
-
-class Trap:
-    """Unpickling this creates ``path``: proof that someone ran pickle.loads on the payload."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
-def member(tf: tarfile.TarFile, name: str, data: bytes, **info) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    for k, v in info.items():
-        setattr(ti, k, v)
-    tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
 
 
 def real_stamps(n: int) -> list[tuple[Path, str]]:
@@ -58,11 +40,11 @@ def bad_build(tmp_path_factory):
             ("link.png", b"", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}),
             ("b.png", img, {}), ("b.txt", b"a bird", {}), ("b.pyd", pickle.dumps(Trap(marker)), {}),
         ]:
-            member(tf, name, data, **info)
+            add_member(tf, name, data, **info)
     with tarfile.open(shards / "cut.tar", "w") as tf:
         for i, (png, cap) in enumerate(stamps[1:5]):
-            member(tf, f"{i:03d}.png", png.read_bytes())
-            member(tf, f"{i:03d}.txt", cap.encode())
+            add_member(tf, f"{i:03d}.png", png.read_bytes())
+            add_member(tf, f"{i:03d}.txt", cap.encode())
     raw = (shards / "cut.tar").read_bytes()
     (shards / "cut.tar").write_bytes(raw[: len(raw) // 2])  # truncated mid-archive
     folder = root / "folder"

@@ -24,6 +24,7 @@ from data_prep.sources.folder import Folder, FolderConfig
 from data_prep.sources.table import Table, TableConfig
 from data_prep.sources.tuxpaint import read_caption
 from data_prep.sources.webdataset import WebDataset, WebDatasetConfig
+from tests.data_prep.hostile import Trap, add_member
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 ROOT = Path(__file__).resolve().parents[2]
@@ -268,14 +269,6 @@ def test_folder_source(tmp_path, stamps):
 
 # --------------------------------------------------------------------------------------- webdataset
 
-def _add(tf: tarfile.TarFile, name: str, data: bytes, **info) -> None:
-    ti = tarfile.TarInfo(name)
-    ti.size = len(data)
-    for k, v in info.items():
-        setattr(ti, k, v)
-    tf.addfile(ti, io.BytesIO(data) if ti.isreg() else None)
-
-
 def _shard(path: Path, stamps: list[tuple[Path, str]], layout: str, start: int = 0) -> list[dict]:
     """A shard of real stamps, in our layout (png, uid in json) or img2dataset's (jpg, status json)."""
     metas = []
@@ -295,9 +288,9 @@ def _shard(path: Path, stamps: list[tuple[Path, str]], layout: str, start: int =
                             "caption": cap, "width": w // 2 or 1, "height": h // 2 or 1,
                             "original_width": w, "original_height": h, "error_message": None}
             key = f"{i:09d}"
-            _add(tf, f"{key}.{ext}", data)
-            _add(tf, f"{key}.txt", cap.encode())
-            _add(tf, f"{key}.json", json.dumps(meta).encode())
+            add_member(tf, f"{key}.{ext}", data)
+            add_member(tf, f"{key}.txt", cap.encode())
+            add_member(tf, f"{key}.json", json.dumps(meta).encode())
             metas.append(meta)
     return metas
 
@@ -335,16 +328,6 @@ def test_webdataset_reads_our_shards_and_img2dataset_shards(tmp_path, stamps):
         WebDataset(WebDatasetConfig(root=str(tmp_path / "no_tars")))
 
 
-class _Trap:
-    """Unpickling this creates ``path``: proof that someone ran pickle.loads on the payload."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (str(self.path), "w"))
-
-
 def test_webdataset_hostile_members_are_rejected_unread(tmp_path, stamps):
     marker = tmp_path / "PWNED"
     (png, cap), (png2, cap2) = stamps[0], stamps[1]
@@ -356,7 +339,7 @@ def test_webdataset_hostile_members_are_rejected_unread(tmp_path, stamps):
         ("/etc/abs.png", img, {}),
         ("link.png", b"", {"type": tarfile.SYMTYPE, "linkname": "/etc/passwd"}),
         ("dev", b"", {"type": tarfile.CHRTYPE, "devmajor": 1, "devminor": 3}),
-        ("001.png", img, {}), ("001.txt", b"x", {}), ("001.pyd", pickle.dumps(_Trap(marker)), {}),
+        ("001.png", img, {}), ("001.txt", b"x", {}), ("001.pyd", pickle.dumps(Trap(marker)), {}),
         ("002.png", img + b"\0" * limit, {}), ("002.txt", b"x", {}),
         ("003.txt", b"caption only", {}),
         ("004.png", img, {}),
@@ -366,7 +349,7 @@ def test_webdataset_hostile_members_are_rejected_unread(tmp_path, stamps):
     ]
     with tarfile.open(tmp_path / "evil.tar", "w") as tf:
         for name, data, info in members:
-            _add(tf, name, data, **info)
+            add_member(tf, name, data, **info)
     src = WebDataset(WebDatasetConfig(root=str(tmp_path / "evil.tar"), max_member_bytes=limit))
     items = list(src.items(tmp_path))
     assert not marker.exists()
