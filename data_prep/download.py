@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 from urllib.parse import unquote, urlsplit
@@ -63,6 +63,7 @@ class DownloadConfig:
     respect_robots: bool = True  # skip responses whose X-Robots-Tag says noai / noimageai (any scope)
     max_redirects: int = 5
     user_agent: str = "clipforge-data-prep/0.1"
+    prefetch: int = 3  # later batches whose downloads run while a worker processes the current one
 
     def __post_init__(self) -> None:
         checks = [
@@ -72,6 +73,7 @@ class DownloadConfig:
             ("backoff", self.backoff >= 0, "must be >= 0 seconds"),
             ("max_bytes", self.max_bytes >= 1, "must be >= 1"),
             ("max_redirects", self.max_redirects >= 0, "must be >= 0"),
+            ("prefetch", self.prefetch >= 0, "must be >= 0 batches"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -163,6 +165,10 @@ class Downloader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def submit(self, url: str) -> Future:
+        """``fetch(url)`` queued on the download threads; the future's result is a ``Fetched``."""
+        return self._pool.submit(self.fetch, url)
 
     def fetch_many(self, urls: Sequence[str]) -> list[Fetched]:
         """``fetch`` of every URL, concurrently; results in input order."""

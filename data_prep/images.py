@@ -92,7 +92,7 @@ def on_white(im: Image.Image) -> Image.Image:
     gray = im.mode in ("LA", "La") or (im.mode == "L" and "transparency" in im.info)
     rgba = im if im.mode in ("RGBA", "LA") else im.convert("LA" if gray else "RGBA")
     canvas = Image.new("L" if gray else "RGB", rgba.size, 255 if gray else (255, 255, 255))
-    canvas.paste(rgba.convert("L" if gray else "RGB"), mask=rgba.getchannel("A"))
+    canvas.paste(rgba, mask=rgba)  # the source's own alpha as the mask: no converted copy needed
     return canvas
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -133,29 +135,40 @@ class _Recorder:
         self.kept.append((pos, KeptSample(sample, measures)))
 
 
-def _fetch(ctx: Context, batch: list[tuple[int, Sample, dict]], rec: _Recorder, stage_pos: float) -> list:
-    """Download the images the batch still lacks; failures are recorded under ``download``."""
-    need = [(i, entry) for i, entry in enumerate(batch) if entry[1].image is None]
-    if not need:
-        return batch
-    fetched = ctx.downloader.fetch_many([e[1].url or "" for _, e in need])
+Entry = tuple[int, Sample, dict]  # (position in the unit, sample, its measures so far)
+
+
+def _start_fetch(ctx: Context, entries: list[Entry]) -> list[tuple[int, Future]]:
+    """Queue the downloads of the images ``entries`` lack; returns (entry index, future) pairs."""
+    return [(i, ctx.downloader.submit(e[1].url or "")) for i, e in enumerate(entries) if e[1].image is None]
+
+
+def _end_fetch(entries: list[Entry], pending: list[tuple[int, Future]], rec: _Recorder, stage_pos: float) -> list[Entry]:
+    """Wait for the downloads; failures are recorded under ``download``, the rest carry their image."""
     failed = set()
-    for (i, (pos, sample, measures)), f in zip(need, fetched):
+    for i, future in pending:
+        pos, sample, measures = entries[i]
+        f = future.result()
         if f.reason is not None:
             rec.reject(sample, pos, DOWNLOAD_STAGE, stage_pos, f.reason, measures, f.retryable)
             failed.add(i)
         else:
             sample.image, sample.image_ext = f.data, f.ext or "jpg"
-    return [e for i, e in enumerate(batch) if i not in failed]
+    return [e for i, e in enumerate(entries) if i not in failed]
 
 
-def run_stages(ctx: Context, batch: list[tuple[int, Sample, dict]], rec: _Recorder) -> list[tuple[int, Sample, dict]]:
-    """Apply every stage in order to ``(pos, sample, measures)`` entries; return the survivors."""
-    for k, stage in enumerate(ctx.stages):
+def first_image_stage(stages: Sequence[Filter]) -> int:
+    """Index of the first stage that needs the image (where downloads happen), or ``len(stages)``."""
+    return next((k for k, s in enumerate(stages) if s.needs_image), len(stages))
+
+
+def run_stages(ctx: Context, batch: list[Entry], rec: _Recorder, start: int = 0, stop: int | None = None) -> list[Entry]:
+    """Apply stages ``start:stop`` in order to the entries; return the survivors. The images must
+    already be fetched for the stages from ``first_image_stage`` on."""
+    for k in range(start, len(ctx.stages) if stop is None else stop):
+        stage = ctx.stages[k]
         if not batch:
             break
-        if stage.needs_image:
-            batch = _fetch(ctx, batch, rec, k - 0.5)
         results = stage.measure_batch([s for _, s, _ in batch])
         survivors = []
         for (pos, sample, measures), result in zip(batch, results):
@@ -169,7 +182,7 @@ def run_stages(ctx: Context, batch: list[tuple[int, Sample, dict]], rec: _Record
             else:
                 survivors.append((pos, sample, measures))
         batch = survivors
-    return _fetch(ctx, batch, rec, len(ctx.stages) - 0.5)
+    return batch
 
 
 def _finish(ctx: Context, pos: int, sample: Sample, measures: dict, rec: _Recorder) -> None:
@@ -212,7 +225,26 @@ def _batches(items: Iterator[Sample | Rejected], size: int) -> Iterator[list[tup
 
 
 def process_items(ctx: Context, source: Source, items: Iterator[Sample | Rejected]) -> _Recorder:
+    """Run a unit's items through the stages, batch by batch.
+
+    Downloads overlap the work: a batch's text stages run, then its downloads are queued, and the
+    image stages of a batch run only once ``download.prefetch`` later batches are downloading too,
+    so a slow URL delays one batch instead of stalling the worker. Rows are sorted by position
+    afterwards, so the outputs do not depend on which download finished first."""
     rec = _Recorder(ctx.cfg, source)
+    k = first_image_stage(ctx.stages)
+    window: deque = deque()
+
+    def complete() -> None:
+        batch, entries, pending = window.popleft()
+        entries = _end_fetch(entries, pending, rec, k - 0.5)
+        for pos, sample, measures in run_stages(ctx, entries, rec, start=k):
+            _finish(ctx, pos, sample, measures, rec)
+        for _, item in batch:  # decoded pixels are only needed within the batch
+            if isinstance(item, Sample):
+                item.decoded = None
+        ctx.progress(len(batch))
+
     for batch in _batches(items, ctx.cfg.batch_size):
         entries = []
         for pos, item in batch:
@@ -220,12 +252,12 @@ def process_items(ctx: Context, source: Source, items: Iterator[Sample | Rejecte
                 rec.reject(item, pos, SOURCE_STAGE, -1, item.reason)
             else:
                 entries.append((pos, item, {}))
-        for pos, sample, measures in run_stages(ctx, entries, rec):
-            _finish(ctx, pos, sample, measures, rec)
-        for _, item in batch:  # decoded pixels are only needed within the batch
-            if isinstance(item, Sample):
-                item.decoded = None
-        ctx.progress(len(batch))
+        entries = run_stages(ctx, entries, rec, stop=k)
+        window.append((batch, entries, _start_fetch(ctx, entries)))
+        if len(window) > ctx.cfg.download.prefetch:
+            complete()
+    while window:
+        complete()
     return rec
 
 
