@@ -110,3 +110,21 @@ def test_worker_share_comes_from_torchrun_or_slurm_array(monkeypatch, env, expec
         monkeypatch.setenv(k, v)
     assert worker_rank(load_config([])) == expected
     assert worker_rank(load_config(["workers.rank=1", "workers.world=2"])) == (1, 2)  # the config wins
+
+
+def test_plan_process_merge_phases_equal_one_build(reference, tmp_path):
+    """The job-array flow: ``plan`` once, ``process`` per task (here two, in turn), then ``merge``."""
+    out = tmp_path / "data"
+    common = [f"out_dir={out}", *BASE, "workers.processes=1"]
+    steps = [["plan"], ["process", "workers.rank=1", "workers.world=2"], ["merge"],
+             ["process", "workers.rank=0", "workers.world=2"], ["merge"]]
+    results = []
+    for phase, *extra in steps:
+        results.append(subprocess.run([sys.executable, "-m", "data_prep", phase, *common, *extra],
+                                      capture_output=True, text=True, timeout=300,
+                                      env={**os.environ, "TQDM_DISABLE": "1"}))
+        if len(results) == 3:  # the early merge is refused and writes nothing
+            assert not (out / "train").exists() and not (out / "decisions.parquet").exists()
+    assert [r.returncode for r in results] == [0, 0, 2, 0, 0], [r.stderr for r in results]
+    assert "units are not done" in results[2].stderr and "run the remaining workers" in results[2].stderr
+    assert fingerprint(out) == reference
