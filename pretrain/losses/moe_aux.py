@@ -1,0 +1,83 @@
+"""Auxiliary losses for MoE routers (V-MoE balancing, LIMoE per-modality entropy).
+
+Each function takes the router probabilities ``probs`` (T, E) of one MoE layer and, for LIMoE's
+entropy losses, of one modality: call them once on the image tokens and once on the text tokens.
+
+Load loss: V-MoE's load loss estimates, through the router noise, the probability that each token
+would still pick each expert; it needs the noise std and the k-th largest logit and is only
+defined with noisy routing. We use the Switch Transformer load-balancing loss
+E * sum_e f_e * P_e instead (f_e: fraction of assignments sent to expert e, no gradient; P_e:
+mean router probability of e, differentiable). It is 1 when routing is uniform, larger when the
+experts the router favours also receive most tokens, and needs no noise.
+
+Across data-parallel ranks: local entropy, importance and load are per-token averages that each
+rank can take over its own tokens. Global entropy is not: the entropy of the mean distribution
+over the global batch differs from the mean of per-rank entropies. Pass ``reduce_fn`` to sum the
+statistics over ranks before the entropy is taken. It receives one (E+1,) fp32 tensor,
+``[probability mass per expert (E,), token count]``, and must return its sum over ranks, e.g.
+``lambda s: torch.distributed.nn.functional.all_reduce(s)`` (the autograd-aware all-reduce, so the
+gradient reaches every rank's router; the plain ``dist.all_reduce`` would cut it).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+ReduceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats over the last axis; 0 log 0 = 0, so one-hot rows give exactly 0."""
+    return -torch.special.xlogy(p, p).sum(dim=-1)
+
+
+def importance_loss(probs: torch.Tensor) -> torch.Tensor:
+    """V-MoE importance loss: squared coefficient of variation of per-expert summed probability.
+
+    probs (T, E) -> (). Population std (ddof 0), as in V-MoE; 0 when every expert gets equal mass.
+    """
+    importance = probs.float().sum(dim=0)  # (E,)
+    return (importance.std(unbiased=False) / importance.mean()) ** 2
+
+
+def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
+    """Switch-style load loss E * sum_e f_e * P_e (see the module docstring for why not V-MoE's).
+
+    probs (T, E), expert_index (T, k) chosen experts -> (). f_e counts every top-k assignment, so
+    it sums to 1 for any k; capacity drops are ignored because they are the symptom to prevent.
+    """
+    num_experts = probs.shape[-1]
+    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)  # (E,)
+    f = counts.float() / expert_index.numel()  # (E,) no gradient: routing is discrete
+    p_mean = probs.float().mean(dim=0)  # (E,)
+    return num_experts * (f * p_mean).sum()
+
+
+def local_entropy_loss(probs: torch.Tensor) -> torch.Tensor:
+    """LIMoE local entropy: mean over tokens of each token's routing entropy (T, E) -> ().
+
+    Minimised, so each token commits to few experts.
+    """
+    return _entropy(probs.float()).mean()
+
+
+def global_entropy(probs: torch.Tensor, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+    """Entropy of the mean routing distribution of one modality, (T, E) -> () in nats.
+
+    With ``reduce_fn`` the mean is over the tokens of every rank (see the module docstring).
+    """
+    stats = torch.cat([probs.float().sum(dim=0), probs.new_full((1,), probs.shape[0], dtype=torch.float32)])  # (E+1,)
+    if reduce_fn is not None:
+        stats = reduce_fn(stats)  # (E+1,)
+    mean_probs = stats[:-1] / stats[-1]  # (E,)
+    return _entropy(mean_probs)
+
+
+def global_entropy_loss(probs: torch.Tensor, tau: float, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+    """LIMoE global entropy loss max(0, tau - H_global), (T, E) -> ().
+
+    Keeps a modality spread over at least ~exp(tau) experts without forcing it over all of them:
+    above the threshold the loss and its gradient are zero.
+    """
+    return torch.clamp(tau - global_entropy(probs, reduce_fn), min=0.0)

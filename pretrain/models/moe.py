@@ -1,0 +1,132 @@
+"""Mixture-of-experts MLP with top-k routing and Batch Priority Routing (V-MoE, LIMoE).
+
+A plain ``nn.Module``: every expert lives on this rank. Expert parallelism (sharding the E axis
+over ranks) is the engine's job and will wrap this layer's dispatch, not replace its maths.
+
+Routing, for T tokens and E experts:
+1. the router gives softmax probabilities (T, E); each token picks its top-k experts, and the
+   chosen probabilities are its gates (not renormalised, as in V-MoE/LIMoE, so the router learns
+   how much of the expert output to let through);
+2. every expert has C = ceil(capacity_factor * k * T / E) slots;
+3. Batch Priority Routing: slots are filled first with every token's 1st choice, then every 2nd
+   choice, ..., and within each round tokens go in order of their top gate (highest first), so
+   on overflow the tokens the router is most sure about keep their place rather than the ones
+   that happen to come first in the batch;
+4. an assignment past its expert's capacity is dropped; a token with no kept assignment gets a
+   zero output and is carried by the block's residual connection.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Slots per expert: C = ceil(capacity_factor * k * T / E)."""
+    return math.ceil(capacity_factor * top_k * num_tokens / num_experts)
+
+
+@dataclass
+class RoutingStats:
+    """What one MoE call decided, for the auxiliary losses and the ``moe/*`` metrics."""
+
+    probs: torch.Tensor  # (T, E) fp32 router softmax; carries the router's gradient for aux losses
+    expert_index: torch.Tensor  # (T, k) int64, the k chosen experts, best first
+    kept: torch.Tensor  # (T, k) bool, whether that assignment got a capacity slot
+    load: torch.Tensor  # (E,) fraction of the T*k assignments routed to each expert (pre-capacity)
+    dropped_frac: torch.Tensor  # () fraction of tokens with no kept assignment (zero MLP output)
+    capacity: int  # slots per expert in this call: C, capped at T
+
+
+class MoeMlp(nn.Module):
+    """E Linear-GELU-Linear experts behind a top-k router; drop-in for a transformer block's MLP.
+
+    Input (B, N, D) or (T, D); returns (output of the same shape, RoutingStats over T = B*N).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_factor: float = 1.0,
+        router_noise_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+        if capacity_factor <= 0:
+            raise ValueError(f"capacity_factor={capacity_factor} must be positive")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.capacity_factor = capacity_factor
+        # V-MoE adds Gaussian noise (std 1/E there) to the router logits in training so that
+        # near-tied tokens explore other experts; 0 turns it off.
+        self.router_noise_std = router_noise_std
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        # Stacked so one batched matmul runs every expert over its (C, D) slot block.
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.b1 = nn.Parameter(torch.zeros(num_experts, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.b2 = nn.Parameter(torch.zeros(num_experts, dim))
+        # Same scale as nn.Linear's default per expert (uniform with bound 1/sqrt(fan_in)).
+        nn.init.uniform_(self.w1, -(dim**-0.5), dim**-0.5)
+        nn.init.uniform_(self.w2, -(hidden**-0.5), hidden**-0.5)
+        # Small router init keeps the early softmax near uniform, so no expert wins by accident.
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (T, D) -> probs (T, E), gates (T, k), expert_index (T, k), slot position (T, k)."""
+        # Softmax over experts in fp32: in bf16 close gates tie and the BPR order becomes noise.
+        logits = self.router(x).float()  # (T, E)
+        if self.training and self.router_noise_std > 0:
+            logits = logits + torch.randn_like(logits) * self.router_noise_std
+        probs = logits.softmax(dim=-1)  # (T, E)
+        gates, expert_index = probs.topk(self.top_k, dim=-1)  # (T, k), (T, k)
+
+        # BPR: rank tokens by their top gate; stable so ties keep batch order deterministically.
+        order = torch.sort(gates[:, 0].detach(), descending=True, stable=True).indices  # (T,)
+        # Choice-major fill order: all 1st choices (by priority), then all 2nd choices, ...
+        fill = expert_index[order].T.reshape(-1)  # (k*T,)
+        one_hot = F.one_hot(fill, self.num_experts)  # (k*T, E)
+        # Slot of each assignment = how many earlier assignments went to the same expert.
+        pos_fill = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)  # (k*T,)
+        position = torch.empty_like(expert_index)  # (T, k)
+        position[order] = pos_fill.view(self.top_k, -1).T
+        return probs, gates, expert_index, position
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # (T, D)
+        T, D = x.shape
+        E, k = self.num_experts, self.top_k
+        probs, gates, expert_index, position = self.route(x)
+        capacity = expert_capacity(T, E, k, self.capacity_factor)
+        # An expert can receive at most T assignments (top-k picks distinct experts), so slots
+        # beyond T would only ever hold padding.
+        slots_per_expert = min(capacity, T)
+        kept = position < slots_per_expert  # (T, k)
+
+        # Index dispatch: kept assignment (token t, expert e, slot c) -> row e*C + c of a flat
+        # buffer, so memory is O(E*C*D) rather than a dense (T, E, C) one-hot.
+        token_id = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[kept]  # (M,)
+        slot = (expert_index * slots_per_expert + position)[kept]  # (M,)
+        buffer = x.new_zeros(E * slots_per_expert, D).index_copy(0, slot, x[token_id])  # (E*C, D)
+        h = buffer.view(E, slots_per_expert, D)  # (E, C, D)
+        h = F.gelu(torch.bmm(h, self.w1) + self.b1.unsqueeze(1))  # (E, C, H)
+        h = torch.bmm(h, self.w2) + self.b2.unsqueeze(1)  # (E, C, D)
+        # Empty slots hold expert(0) != 0, but no token gathers them.
+        expert_out = h.reshape(E * slots_per_expert, D)[slot]  # (M, D)
+        weighted = expert_out * gates[kept].unsqueeze(1).to(expert_out.dtype)  # (M, D)
+        out = x.new_zeros(T, D).index_add(0, token_id, weighted)  # (T, D)
+
+        with torch.no_grad():
+            load = torch.bincount(expert_index.reshape(-1), minlength=E).float() / (T * k)  # (E,)
+            dropped_frac = (~kept.any(dim=-1)).float().mean()  # ()
+        stats = RoutingStats(probs, expert_index, kept, load, dropped_frac, slots_per_expert)
+        return out.view(shape), stats

@@ -1,0 +1,190 @@
+"""MoE layer and its auxiliary losses: shapes and maths on synthetic tensors."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pretrain.losses.moe_aux import (
+    global_entropy,
+    global_entropy_loss,
+    importance_loss,
+    load_balancing_loss,
+    local_entropy_loss,
+)
+from pretrain.models.moe import MoeMlp, expert_capacity
+
+
+def _naive_moe(layer: MoeMlp, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token loop reference, sharing only the weights with the layer: x (T, D) -> (out, kept)."""
+    T, _ = x.shape
+    k, E = layer.top_k, layer.num_experts
+    probs = torch.softmax(x @ layer.router.weight.T, dim=-1)  # (T, E)
+    gates, idx = probs.topk(k, dim=-1)  # (T, k)
+    capacity = min(expert_capacity(T, E, k, layer.capacity_factor), T)
+    # Batch Priority Routing: round j places every token's j-th choice, best top gate first.
+    order = sorted(range(T), key=lambda t: -gates[t, 0].item())
+    used = [0] * E
+    kept = torch.zeros(T, k, dtype=torch.bool)
+    for j in range(k):
+        for t in order:
+            e = idx[t, j].item()
+            if used[e] < capacity:
+                used[e] += 1
+                kept[t, j] = True
+    out = torch.zeros_like(x)
+    for t in range(T):
+        for j in range(k):
+            if kept[t, j]:
+                e = idx[t, j].item()
+                h = F.gelu(x[t] @ layer.w1[e] + layer.b1[e])
+                out[t] += gates[t, j] * (h @ layer.w2[e] + layer.b2[e])
+    return out, kept
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("capacity_factor", [0.5, 4.0])
+def test_matches_per_token_loop(top_k: int, capacity_factor: float) -> None:
+    torch.manual_seed(0)
+    layer = MoeMlp(dim=8, hidden=16, num_experts=4, top_k=top_k, capacity_factor=capacity_factor)
+    torch.nn.init.normal_(layer.router.weight)  # a sharp router, so experts really overflow
+    x = torch.randn(3, 10, 8)  # (B, N, D)
+    out, stats = layer(x)
+    ref, ref_kept = _naive_moe(layer, x.reshape(-1, 8))
+    assert out.shape == x.shape
+    assert torch.equal(stats.kept, ref_kept)
+    torch.testing.assert_close(out.reshape(-1, 8), ref, rtol=1e-5, atol=1e-6)
+    overflowed = not bool(stats.kept.all())
+    assert overflowed == (capacity_factor < 1)
+    # Never more kept assignments on an expert than it has slots.
+    per_expert = torch.bincount(stats.expert_index[stats.kept], minlength=4)
+    assert int(per_expert.max()) <= stats.capacity
+
+
+def test_flat_input_and_stats_shapes() -> None:
+    torch.manual_seed(0)
+    layer = MoeMlp(dim=8, hidden=16, num_experts=4, top_k=2)
+    out, stats = layer(torch.randn(12, 8))  # (T, D)
+    assert out.shape == (12, 8)
+    assert stats.probs.shape == (12, 4) and stats.expert_index.shape == (12, 2) and stats.kept.shape == (12, 2)
+    assert stats.load.shape == (4,) and math.isclose(stats.load.sum().item(), 1.0, rel_tol=1e-6)
+    assert 0.0 <= stats.dropped_frac.item() <= 1.0
+
+
+def test_every_parameter_gets_a_gradient() -> None:
+    torch.manual_seed(0)
+    layer = MoeMlp(dim=8, hidden=16, num_experts=4, top_k=2, capacity_factor=2.0)
+    out, stats = layer(torch.randn(2, 16, 8))
+    loss = out.square().mean() + load_balancing_loss(stats.probs, stats.expert_index) + importance_loss(stats.probs)
+    loss.backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_batch_priority_routing_keeps_highest_gates() -> None:
+    # Router logits (x0, 0): every token with x0 > 0 picks expert 0 with gate sigmoid(x0), so the
+    # gate order is the x0 order, which is shuffled relative to the batch order on purpose.
+    layer = MoeMlp(dim=2, hidden=4, num_experts=2, top_k=1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    x0 = torch.tensor([0.5, 3.0, 1.0, 2.5, 0.1, 2.0, 1.5, 0.3])
+    x = torch.stack([x0, torch.zeros(8)], dim=1)  # (T=8, D=2)
+    out, stats = layer(x)
+    assert stats.capacity == 4  # ceil(1.0 * 1 * 8 / 2)
+    assert bool((stats.expert_index[:, 0] == 0).all())
+    kept_tokens = set(stats.kept[:, 0].nonzero().flatten().tolist())
+    assert kept_tokens == {1, 3, 5, 6}  # x0 = 3.0, 2.5, 2.0, 1.5: the four highest gates
+    assert stats.dropped_frac.item() == 0.5
+    assert bool((out[[0, 2, 4, 7]] == 0).all())  # dropped tokens pass through with zero output
+    assert bool((out[[1, 3, 5, 6]] != 0).any(dim=-1).all())
+
+
+@pytest.mark.parametrize(
+    ("T", "E", "k", "cf", "expected"),
+    [(10, 4, 2, 1.0, 5), (10, 3, 1, 1.25, 5), (8, 2, 1, 1.0, 4), (7, 4, 1, 0.5, 1), (16, 4, 2, 2.0, 16)],
+)
+def test_capacity_formula(T: int, E: int, k: int, cf: float, expected: int) -> None:
+    assert expert_capacity(T, E, k, cf) == expected
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="top_k"):
+        MoeMlp(4, 8, num_experts=2, top_k=3)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoeMlp(4, 8, num_experts=2, capacity_factor=0.0)
+
+
+# 4 tokens, 2 experts. Column sums (importance) 2.6 and 1.4; mean routing distribution (0.65, 0.35).
+PROBS = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.8, 0.2]])
+
+
+def test_importance_loss_by_hand() -> None:
+    # importance (2.6, 1.4): mean 2.0, population std 0.6 -> CV^2 = (0.6 / 2.0)^2 = 0.09
+    assert importance_loss(PROBS).item() == pytest.approx(0.09, abs=1e-6)
+
+
+def test_load_balancing_loss_by_hand() -> None:
+    # top-1 experts (0, 0, 1, 0): f = (0.75, 0.25), P = (0.65, 0.35)
+    # 2 * (0.75 * 0.65 + 0.25 * 0.35) = 2 * 0.575 = 1.15
+    top1 = PROBS.argmax(dim=-1, keepdim=True)  # (4, 1)
+    assert load_balancing_loss(PROBS, top1).item() == pytest.approx(1.15, abs=1e-6)
+    # top-2 with 2 experts sends every token to both: f = (0.5, 0.5) -> 2 * 0.5 * (0.65 + 0.35) = 1
+    top2 = PROBS.topk(2, dim=-1).indices  # (4, 2)
+    assert load_balancing_loss(PROBS, top2).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_local_entropy_by_hand() -> None:
+    # H(.9,.1) = 0.3250830, H(.6,.4) = 0.6730117, H(.3,.7) = 0.6108643, H(.8,.2) = 0.5004024
+    # mean = 2.1093614 / 4 = 0.5273403
+    assert local_entropy_loss(PROBS).item() == pytest.approx(0.5273403, abs=1e-6)
+
+
+def test_global_entropy_and_hinge_by_hand() -> None:
+    # H(0.65, 0.35) = 0.65 * ln(1/0.65) + 0.35 * ln(1/0.35) = 0.6474466
+    assert global_entropy(PROBS).item() == pytest.approx(0.6474466, abs=1e-6)
+    assert global_entropy_loss(PROBS, tau=0.6).item() == 0.0  # above tau: no penalty
+    assert global_entropy_loss(PROBS, tau=0.69).item() == pytest.approx(0.69 - 0.6474466, abs=1e-6)
+
+
+def test_global_entropy_hinge_gradient() -> None:
+    logits = torch.randn(16, 4, requires_grad=True)
+    global_entropy_loss(logits.softmax(dim=-1), tau=0.0).backward()  # tau below any entropy: flat
+    assert logits.grad is not None and bool((logits.grad == 0).all())
+    logits.grad = None
+    global_entropy_loss(logits.softmax(dim=-1), tau=math.log(4) + 1.0).backward()  # tau above any entropy: pushes
+    assert logits.grad.abs().sum() > 0
+
+
+def test_uniform_router_maximises_global_entropy() -> None:
+    torch.manual_seed(0)
+    layer = MoeMlp(dim=8, hidden=16, num_experts=4)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+    _, stats = layer(torch.randn(20, 8))
+    assert global_entropy(stats.probs).item() == pytest.approx(math.log(4), abs=1e-6)
+    for _ in range(5):
+        skewed = torch.randn(20, 4).mul(3).softmax(dim=-1)
+        assert global_entropy(skewed).item() < math.log(4)
+
+
+def test_reduce_fn_sums_statistics_across_ranks() -> None:
+    # Two simulated ranks with different token counts: the reduced entropy must be the entropy of
+    # the mean over all 7 tokens, not the mean of the two per-rank entropies.
+    torch.manual_seed(0)
+    probs = torch.randn(7, 3).softmax(dim=-1)
+    rank0, rank1 = probs[:4], probs[4:]
+    rank1_stats = torch.cat([rank1.sum(dim=0), torch.tensor([3.0])])  # what rank 1 contributes
+    reduced = global_entropy(rank0, reduce_fn=lambda s: s + rank1_stats)
+    assert reduced.item() == pytest.approx(global_entropy(probs).item(), abs=1e-6)
+
+
+def test_router_noise_only_in_training() -> None:
+    torch.manual_seed(0)
+    layer = MoeMlp(dim=8, hidden=16, num_experts=4, router_noise_std=0.5)
+    x = torch.randn(10, 8)
+    layer.eval()
+    torch.testing.assert_close(layer(x)[1].probs, layer(x)[1].probs)
+    layer.train()
+    assert not torch.allclose(layer(x)[1].probs, layer(x)[1].probs)
