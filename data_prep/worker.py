@@ -30,9 +30,10 @@ from data_prep import PrepError
 from data_prep.atomic import atomic_write
 from data_prep.split import assign_split
 from data_prep.config import PrepConfig
-from data_prep.decisions import DOWNLOAD_STAGE, SOURCE_STAGE, WRITE_STAGE, rows_table, schema
+from data_prep.decisions import BASE_COLUMNS, DOWNLOAD_STAGE, SOURCE_STAGE, WRITE_STAGE, rows_table, schema
 from data_prep.download import Downloader
 from data_prep.filters import Filter, Reject, make_filter
+from data_prep.filters.base import judge
 from data_prep.plan import Unit, work_dir
 from data_prep.filters.image_size import ImageSizeFilter
 from data_prep.resize import decode_need, encode_for_shard
@@ -55,8 +56,6 @@ INTERNAL_COLUMNS = tuple(f.name for f in POS_FIELDS)
 
 def measure_columns(filters: Sequence[Filter]) -> dict[str, type]:
     """All stages' measure names -> types; two stages may not record under the same name."""
-    from data_prep.decisions import BASE_COLUMNS
-
     types: dict[str, type] = {}
     for f in filters:
         for name, typ in f.measure_types.items():
@@ -78,8 +77,8 @@ class Context:
     progress: Callable[[int], None] = field(default=lambda n: None)
 
     @classmethod
-    def create(cls, cfg: PrepConfig, sources: dict[str, Source] | None = None) -> "Context":
-        sources = sources if sources is not None else open_sources(cfg)
+    def create(cls, cfg: PrepConfig) -> "Context":
+        sources = open_sources(cfg)
         stages = [make_filter(name, options) for name, options in cfg.filters.items()]
         need = decode_need(cfg.resize)
         for stage in stages:  # the first decode, reused by later stages, may be reduced for the resize
@@ -169,14 +168,9 @@ def run_stages(ctx: Context, batch: list[Entry], rec: _Recorder, start: int = 0,
         stage = ctx.stages[k]
         if not batch:
             break
-        results = stage.measure_batch([s for _, s, _ in batch])
         survivors = []
-        for (pos, sample, measures), result in zip(batch, results):
-            if isinstance(result, Reject):
-                rec.reject(sample, pos, stage.name, k, str(result), measures)
-                continue
+        for (pos, sample, measures), (result, reason) in zip(batch, judge(stage, [s for _, s, _ in batch])):
             measures.update(result)
-            reason = None if stage.is_global else stage.reject_reason(result)
             if reason is not None:
                 rec.reject(sample, pos, stage.name, k, reason, measures)
             else:

@@ -90,19 +90,27 @@ class Verdict:
         return self.reason is None
 
 
+def judge(stage: Filter, samples: Sequence[Sample]) -> list[tuple[Measures, str | None]]:
+    """``(measures, reason)`` of ``stage`` for each sample: ``measure_batch`` then, for per-sample
+    stages, ``reject_reason`` (global stages only measure here). A sample that cannot be measured
+    gets no measures and its ``Reject`` message as the reason."""
+    out: list[tuple[Measures, str | None]] = []
+    for result in stage.measure_batch(samples):
+        if isinstance(result, Reject):
+            out.append(({}, str(result)))
+        else:
+            out.append((result, None if stage.is_global else stage.reject_reason(result)))
+    return out
+
+
 def apply_filters(filters: Sequence[Filter], sample: Sample) -> Verdict:
-    """Run per-sample ``filters`` on one sample in order (global stages only measure); the first
-    rejection wins and later filters are not run (they may be expensive, and may not even be able
-    to measure what an earlier one rejected). Used by tests and tools; the worker runs stages
-    batch-wise with the same rule."""
+    """Run ``filters`` on one sample in order; the first rejection wins and later filters are not
+    run (they may be expensive, and may not even be able to measure what an earlier one rejected).
+    Used by tests and tools; the worker applies the same ``judge`` batch-wise."""
     verdict = Verdict()
     for f in filters:
-        try:
-            measures = f.measure(sample)
-        except Reject as e:
-            return Verdict(verdict.measures, f.name, str(e))
+        (measures, reason), = judge(f, [sample])
         verdict.measures.update(measures)
-        reason = None if f.is_global else f.reject_reason(measures)
         if reason is not None:
             return Verdict(verdict.measures, f.name, reason)
     return verdict
