@@ -28,14 +28,13 @@ from tqdm import tqdm
 from data_prep import PrepError
 from data_prep.atomic import atomic_write
 from data_prep.config import PrepConfig, load_config, to_dict
-from data_prep.decisions import DECISIONS_NAME, FunnelRow, funnel, reason_counts, render_funnel, render_reasons
+from data_prep.decisions import DECISIONS_NAME, FunnelRow
 from data_prep.manifest import Manifest
 from data_prep.merge import gather_decisions, judge_globals, missing_units, split_captions, write_decisions, write_splits
-from data_prep.plan import Plan, Unit, _wait_for, load_or_make_plan
-from data_prep.report import PLOTS_DIR, plot_measures, render_report, write_report
-from data_prep.split import SPLITS
+from data_prep.plan import Plan, Unit, load_or_make_plan, wait_for
+from data_prep.report import PLOTS_DIR, plot_measures, render_report, summarise, write_report
 from data_prep.tokenizer import train_tokenizer
-from data_prep.worker import Context, is_done, open_sources, process_unit
+from data_prep.worker import DONE_NAME, Context, is_done, open_sources, process_unit, unit_dir
 
 CONFIG_NAME = "config.yaml"
 RUN_ONLY_KEYS = ("out_dir", "workers", "retry_failed")  # in config.yaml, not in the manifests
@@ -168,8 +167,6 @@ def merge(cfg: PrepConfig, plan: Plan, start: float, executor: Optional[ProcessP
     resolved = to_dict(cfg)
     stages = [make_filter(name, options) for name, options in cfg.filters.items()]
     table, summaries = judge_globals(gather_decisions(cfg, plan), stages)
-    for s in stages:  # per-sample stages' thresholds, for the report's lines
-        summaries.setdefault(s.name, {})
     # The manifest records what determines the data, not where or how it was built, so a resumed,
     # relocated or multi-worker build publishes the very same manifest bytes.
     data_config = {k: v for k, v in resolved.items() if k not in RUN_ONLY_KEYS}
@@ -185,15 +182,14 @@ def merge(cfg: PrepConfig, plan: Plan, start: float, executor: Optional[ProcessP
     thresholds = {name: {**to_dict(options), **summaries.get(name, {})} for name, options in cfg.filters.items()}
     plots = plot_measures(table, thresholds, out / PLOTS_DIR)
     seconds = time.perf_counter() - start
+    outcome = summarise(table, list(cfg.filters))
     global_summaries = {k: v for k, v in summaries.items() if v}
-    report = render_report(out, table, list(cfg.filters), manifests, plots, global_summaries, seconds)
-    report_path = write_report(out, report)
-    rows = funnel(table)
-    print("\n" + render_funnel(rows, ["source", "download", *cfg.filters, "write"], SPLITS), file=sys.stdout)
-    if not all(r.inputs == sum(r.kept.values()) for r in rows):
-        print("\n" + render_reasons(reason_counts(table)), file=sys.stdout)
+    report_path = write_report(out, render_report(out, outcome, manifests, plots, global_summaries, seconds))
+    print("\n" + outcome.funnel_md, file=sys.stdout)
+    if outcome.reasons_md is not None:
+        print("\n" + outcome.reasons_md, file=sys.stdout)
     print(f"\nbuilt {out} in {seconds:.1f} s: report {report_path}", file=sys.stdout, flush=True)
-    return BuildResult(out, manifests, decisions_path, tokenizer_path, report_path, rows, seconds)
+    return BuildResult(out, manifests, decisions_path, tokenizer_path, report_path, outcome.rows, seconds)
 
 
 def prepare(cfg: PrepConfig) -> tuple[Plan, int, int]:
@@ -223,8 +219,8 @@ def build(cfg: PrepConfig) -> Optional[BuildResult]:
         if rank != 0:
             return None
         for unit in missing_units(cfg, plan):
-            _wait_for(Path(cfg.out_dir) / ".work" / "units" / unit.name / "DONE", cfg.workers.wait_timeout,
-                      f"unit {unit.name} from worker {unit.index % world}")
+            wait_for(unit_dir(cfg, unit) / DONE_NAME, cfg.workers.wait_timeout,
+                     f"unit {unit.name} from worker {unit.index % world}")
         return merge(cfg, plan, start, executor)
     finally:
         if executor is not None:

@@ -95,7 +95,7 @@ def load_or_make_plan(cfg: PrepConfig, sources: dict[str, Source], rank: int, ti
         if rank == 0:
             save_plan(make_plan(cfg, sources), path)
         else:
-            _wait_for(path, timeout, "worker 0 to write the plan")
+            wait_for(path, timeout, "worker 0 to write the plan")
     plan = read_plan(path)
     if plan.fingerprint != fp:
         changed = sorted(k for k in shaping if shaping[k] != plan.config.get(k))
@@ -106,7 +106,7 @@ def load_or_make_plan(cfg: PrepConfig, sources: dict[str, Source], rank: int, ti
     return plan
 
 
-def _wait_for(path: Path, timeout: float, what: str) -> None:
+def wait_for(path: Path, timeout: float, what: str) -> None:
     start = time.monotonic()
     while not path.exists():
         if time.monotonic() - start > timeout:

@@ -6,6 +6,7 @@ removes a tail or the bulk of the data.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from data_prep.atomic import atomic_write
-from data_prep.decisions import (DOWNLOAD_STAGE, SOURCE_STAGE, WRITE_STAGE, funnel, reason_counts, render_funnel,
+from data_prep.decisions import (DOWNLOAD_STAGE, SOURCE_STAGE, WRITE_STAGE, FunnelRow, funnel, reason_counts, render_funnel,
                                  render_reasons)
 from data_prep.manifest import Manifest
 from data_prep.split import SPLITS
@@ -116,19 +117,32 @@ def plot_measures(table: pa.Table, thresholds: dict[str, dict[str, Any]], folder
     return made
 
 
-def render_report(out_dir: Path, table: pa.Table, stages: Sequence[str], manifests: dict[str, Manifest],
-                  plots: Sequence[Path], summaries: dict[str, dict[str, Any]], seconds: float) -> str:
+@dataclass
+class Outcome:
+    """The funnel of a build, computed once for the terminal and the report."""
+
+    rows: list[FunnelRow]
+    funnel_md: str  # source | input | rejected per stage, in run order | kept per split
+    reasons_md: str | None  # (source, stage, reason code) counts; None when nothing was rejected
+
+
+def summarise(table: pa.Table, stages: Sequence[str]) -> Outcome:
     rows = funnel(table)
-    all_stages = [SOURCE_STAGE, DOWNLOAD_STAGE, *stages, WRITE_STAGE]
-    has_rejects = not pc.all(table["kept"]).as_py() if len(table) else False
+    order = [SOURCE_STAGE, DOWNLOAD_STAGE, *stages, WRITE_STAGE]
+    rejected = any(r.inputs != sum(r.kept.values()) for r in rows)
+    return Outcome(rows, render_funnel(rows, order, SPLITS), render_reasons(reason_counts(table)) if rejected else None)
+
+
+def render_report(out_dir: Path, outcome: Outcome, manifests: dict[str, Manifest],
+                  plots: Sequence[Path], summaries: dict[str, dict[str, Any]], seconds: float) -> str:
     lines = [
         f"# Dataset build: {out_dir}", "",
         "## Funnel", "",
         "Inputs per source, samples rejected at each stage in run order (`-source`: unusable input such "
         "as a missing caption; `-download`: the image could not be fetched), and kept samples per split.", "",
-        render_funnel(rows, all_stages, SPLITS), "",
+        outcome.funnel_md, "",
         "## Rejection reasons", "",
-        render_reasons(reason_counts(table)) if has_rejects else "(none)", "",
+        outcome.reasons_md or "(none)", "",
     ]
     if summaries:
         lines += ["## Global stages", "", *(f"- `{k}`: " + ", ".join(f"{a}={b}" for a, b in v.items())
