@@ -13,7 +13,6 @@ stages only measure here and are judged later by the merge.
 """
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections import deque
@@ -24,9 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from data_prep import PrepError
+from data_prep import PrepError, images
 from data_prep.atomic import atomic_write
 from data_prep.split import assign_split
 from data_prep.config import PrepConfig
@@ -191,11 +189,8 @@ def _finish(ctx: Context, pos: int, sample: Sample, measures: dict, rec: _Record
         data, ext, (w, h) = encode_for_shard(sample, ctx.cfg.resize)
         meta = sample.meta
         if meta.get("original_width") is None or meta.get("original_height") is None:
-            if "width" in measures and "height" in measures:  # the image stage measured the original
-                meta["original_width"], meta["original_height"] = measures["width"], measures["height"]
-            else:
-                with Image.open(io.BytesIO(sample.image)) as im:
-                    meta["original_width"], meta["original_height"] = im.size
+            # encode_for_shard decoded the image (cached on the sample), recording the file's own size.
+            meta["original_width"], meta["original_height"] = images.original_size(sample.decoded)
     except (Reject, *DECODE_ERRORS) as e:
         rec.reject(sample, pos, WRITE_STAGE, len(ctx.stages), f"encode_error: {type(e).__name__}: {e}"
                    if not isinstance(e, Reject) else str(e), measures)
