@@ -33,7 +33,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             sys.exit(run_demo(nproc, args.overrides))
         from pretrain.data.check import check_inputs
 
-        check_inputs(compose_train_config(args.overrides))  # fail here, in one line, before any rank starts
+        cfg = compose_train_config(args.overrides)
+        cfg.check_world(nproc)  # fail here, in one line, before any rank starts
+        check_inputs(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)

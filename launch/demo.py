@@ -42,7 +42,7 @@ def print_summary(summary: dict, seconds: float, run_dir: Path) -> None:
 
 def run_demo(nproc: int, overrides: list[str]) -> int:
     t0 = time.time()
-    overrides = ["+experiment=demo", *overrides]
+    overrides = ["experiment=demo", *overrides]
     if not any(o.startswith("run_dir=") for o in overrides):  # a fresh run each time, never a resume
         overrides.append(f"run_dir=runs/demo/train-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = compose_train_config(overrides)

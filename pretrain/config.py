@@ -30,6 +30,18 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Arch(str, Enum):
+    clip = "clip"  # ViT + causal text transformer (Radford et al. 2021)
+    align = "align"  # EfficientNet + bidirectional [CLS] text encoder (Jia et al. 2021)
+    flip = "flip"  # CLIP that encodes a random subset of patches while training (Li et al. 2023)
+    limoe = "limoe"  # one shared transformer with MoE layers for both modalities (Mustafa et al. 2022)
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    lamb = "lamb"  # layer-wise adaptive AdamW (You et al. 2020), ALIGN's large-batch optimizer
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online when WANDB_API_KEY is set, else offline
     offline = "offline"
@@ -45,6 +57,9 @@ class VisionConfig:
     layers: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    # A timm CNN for convolutional image towers (ALIGN: efficientnet_b0..b7); the ViT fields
+    # above other than image_size do not apply to it.
+    timm_model: str = "test_efficientnet"
 
     def __post_init__(self) -> None:
         _check(self.image_size % self.patch_size == 0,
@@ -68,17 +83,77 @@ class TextConfig:
 
 
 @dataclass
+class FlipConfig:
+    """FLIP's masking (``model=flip`` sets mask_ratio 0.5); ignored by the other architectures."""
+
+    mask_ratio: float = 0.0  # fraction of image patches dropped while training; eval never masks
+    text_mask_ratio: float = 0.0  # fraction of caption positions dropped while training (eos always kept)
+    # Phase 2, the last fraction of the run: no masking at lr * unmasked_lr_scale (FLIP's
+    # unmasked tuning, which closes most of the gap to an unmasked model at a small cost).
+    unmasked_fraction: float = 0.0
+    unmasked_lr_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.mask_ratio < 1, f"model.flip.mask_ratio={self.mask_ratio} must be in [0, 1)")
+        _check(0 <= self.text_mask_ratio < 1, f"model.flip.text_mask_ratio={self.text_mask_ratio} must be in [0, 1)")
+        _check(0 <= self.unmasked_fraction < 1, f"model.flip.unmasked_fraction={self.unmasked_fraction} must be in [0, 1)")
+        _check(0 < self.unmasked_lr_scale <= 1, f"model.flip.unmasked_lr_scale={self.unmasked_lr_scale} must be in (0, 1]")
+
+
+@dataclass
+class MoeConfig:
+    """LiMoE's experts (``model=limoe``); ignored by the other architectures."""
+
+    num_experts: int = 8
+    top_k: int = 1
+    capacity_factor: float = 1.0  # slots per expert = ceil(capacity_factor * top_k * tokens / experts)
+    every: int = 2  # every N-th layer's MLP is an MoE (the last of each group of N); 1: all
+    router_noise_std: float = 0.0
+    # Expert parallelism: experts are split over groups of ep_size ranks and tokens travel to them
+    # by all-to-all; must divide num_experts and the world size.
+    ep_size: int = 1
+    # Auxiliary loss weights (0 turns one off) and LIMoE's global-entropy threshold tau in nats.
+    importance_weight: float = 0.0
+    load_weight: float = 0.01
+    local_entropy_weight: float = 0.01
+    global_entropy_weight: float = 0.01
+    tau: float = 1.0  # keeps each modality spread over at least ~e^tau experts
+
+    def __post_init__(self) -> None:
+        _check(self.num_experts >= 1, f"model.moe.num_experts={self.num_experts} must be >= 1")
+        _check(1 <= self.top_k <= self.num_experts,
+               f"model.moe.top_k={self.top_k} must be between 1 and model.moe.num_experts={self.num_experts}")
+        _check(self.capacity_factor > 0, f"model.moe.capacity_factor={self.capacity_factor} must be > 0")
+        _check(self.every >= 1, f"model.moe.every={self.every} must be >= 1")
+        _check(self.ep_size >= 1 and self.num_experts % self.ep_size == 0,
+               f"model.moe.ep_size={self.ep_size} must divide model.moe.num_experts={self.num_experts}")
+        _check(0 <= self.tau <= math.log(self.num_experts),
+               f"model.moe.tau={self.tau} must be in [0, log(num_experts)={math.log(self.num_experts):.3f}]")
+        for name in ("importance_weight", "load_weight", "local_entropy_weight", "global_entropy_weight", "router_noise_std"):
+            _check(getattr(self, name) >= 0, f"model.moe.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass
 class ModelConfig:
-    name: str = "tiny_test"
+    arch: Arch = Arch.clip
+    name: str = "tiny_test"  # the size preset (conf/size/)
+    # ALIGN with embed_dim 0: the image embedding is the CNN's pooled features, as in the paper.
     embed_dim: int = 32
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100)  # CLIP's cap on the learned temperature
+    flip: FlipConfig = field(default_factory=FlipConfig)
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
     def __post_init__(self) -> None:
         _check(self.init_logit_scale <= self.max_logit_scale,
                f"model.init_logit_scale={self.init_logit_scale} exceeds model.max_logit_scale={self.max_logit_scale}")
+        _check(self.embed_dim >= 0, f"model.embed_dim={self.embed_dim} must be >= 0")
+        _check(self.embed_dim > 0 or self.arch == Arch.align,
+               f"model.embed_dim=0 is only allowed for model=align (the CNN's width); model={self.arch.value} needs a size")
+        _check(self.arch == Arch.limoe or self.moe.ep_size == 1,
+               f"model.moe.ep_size={self.moe.ep_size} needs model=limoe (model={self.arch.value} has no experts)")
 
 
 @dataclass
@@ -102,10 +177,15 @@ class LossConfig:
     # local_loss: each rank scores its own rows against all gathered columns (labels offset by
     # rank): O(B x W*B) logits per rank instead of O(W*B x W*B), same gradients.
     local_loss: bool = True
+    label_smoothing: float = 0.0  # ALIGN uses 0.1
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.label_smoothing < 1, f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
 
 
 @dataclass
 class OptimConfig:
+    name: OptimizerName = OptimizerName.adamw
     lr: float = 1e-3
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -206,6 +286,13 @@ class TrainConfig:
                f"stop_at={self.stop_at} must be between 1 and steps={self.steps}")
         _check(self.optim.warmup_steps <= self.steps,
                f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+        _check(self.model.moe.ep_size == 1 or self.engine.zero_stage in (0, 1, 2),
+               f"model.moe.ep_size={self.model.moe.ep_size} works with engine.zero_stage 0, 1 or 2, not {self.engine.zero_stage}")
+
+    def check_world(self, world_size: int) -> None:
+        """Rules that need the number of ranks (known at launch, before any rank starts)."""
+        _check(world_size % self.model.moe.ep_size == 0,
+               f"model.moe.ep_size={self.model.moe.ep_size} must divide the world size {world_size} (ranks)")
 
 
 def register_configs() -> None:

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.config import Precision, TrainConfig
+from pretrain.config import OptimizerName, Precision, TrainConfig
 from pretrain.models import param_groups
+from pretrain.models.moe import MoeMlp
+from pretrain.schedule import lr_multiplier
 
 Engine = deepspeed.DeepSpeedEngine
 
@@ -70,9 +72,10 @@ def init_distributed(backend: str = "auto") -> DistInfo:
 
 
 def ds_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON config for a training config."""
+    """The DeepSpeed JSON config for a training config (AdamW is DeepSpeed's; LAMB is given to
+    :func:`initialize` as a client optimizer, and the schedule is ours: see ``schedule.py``)."""
     o, e = cfg.optim, cfg.engine
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": e.grad_accum,
         "gradient_clipping": e.grad_clip,
@@ -86,23 +89,72 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
                 "torch_adam": not torch.cuda.is_available(), "adam_w_mode": True,
             },
         },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.steps, "warmup_num_steps": o.warmup_steps,
-                "warmup_type": "linear", "warmup_min_ratio": 0.0, "cos_min_ratio": o.min_lr_ratio,
-            },
-        },
         "steps_per_print": 2**31 - 1,  # the trainer logs; keep DeepSpeed's own step prints quiet
         "wall_clock_breakdown": False,
     }
+    if o.name == OptimizerName.lamb:
+        del config["optimizer"]
+        # ZeRO partitions any torch optimizer's state; DeepSpeed only asks to be told it is one
+        # it has not tested.
+        config["zero_allow_untested_optimizer"] = True
+    return config
+
+
+def _lamb(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's LAMB (maintained, device-agnostic; DeepSpeed's FusedLamb needs a CUDA build)."""
+    from timm.optim import Lamb
+
+    o = cfg.optim
+    return Lamb(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
 
 
 def initialize(task: nn.Module, cfg: TrainConfig) -> Engine:
-    """Wrap ``task`` (model + loss) in a DeepSpeed engine with AdamW param groups and the schedule."""
+    """Wrap ``task`` (model + loss) in a DeepSpeed engine with the optimizer and the schedule."""
     groups = param_groups(task, cfg.optim.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=task, model_parameters=groups, config=ds_config(cfg))
+    optimizer = _lamb(groups, cfg) if cfg.optim.name == OptimizerName.lamb else None
+    # Step i (0-based) runs at lr * lr_multiplier(i): LambdaLR applies factor(0) on construction
+    # and DeepSpeed steps it once per optimizer step. Its state (last step) is in every checkpoint.
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(cfg, step))  # noqa: E731
+    engine, _, _, _ = deepspeed.initialize(model=task, model_parameters=groups, optimizer=optimizer,
+                                           lr_scheduler=schedule, config=ds_config(cfg))
     return engine
+
+
+class _AllToAllExchange:
+    """DeepSpeed's differentiable all-to-all over one expert-parallel group (see MoeMlp)."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        from deepspeed.moe.sharded_moe import _AllToAll
+
+        self._all_to_all = _AllToAll
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._all_to_all.apply(self.group, x)
+
+
+def enable_expert_parallel(model: nn.Module, ep_size: int) -> int:
+    """Split every MoE layer's experts over groups of ``ep_size`` ranks; returns the layer count.
+
+    DeepSpeed makes the process groups (``ep_size`` consecutive ranks share one copy of the E
+    experts; rank r of a group computes experts [r*E/ep, (r+1)*E/ep)) and its all-to-all moves
+    each token to the rank computing its expert and back. Expert weights stay replicated as
+    ordinary data-parallel parameters (ZeRO partitions their optimizer state and gradients like
+    any other): a rank's gradient for an expert it does not compute is zero, so the data-parallel
+    mean equals the gradient of the same model trained without expert parallelism.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MoeMlp)]
+    if ep_size == 1 or not layers:
+        return len(layers)
+    from deepspeed.utils import groups
+
+    groups._create_expert_and_data_parallel(ep_size)
+    exchange = _AllToAllExchange(groups._get_expert_parallel_group(f"ep_size_{ep_size}"))
+    for layer in layers:
+        layer.set_exchange(exchange)
+    return len(layers)
 
 
 def compute_dtype(cfg: TrainConfig) -> torch.dtype:

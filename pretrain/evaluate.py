@@ -25,7 +25,7 @@ from pretrain.config import EvalConfig, RetrievalSet, ZeroShotSet
 from pretrain.data.stream import parse_sample, read_tar
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.losses import gather_no_grad, world_info
-from pretrain.models import CLIP
+from pretrain.models import ContrastiveModel
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Evaluator:
         self.retrieval = {s.name: load_retrieval(s, transform) for s in cfg.retrieval}
 
     @torch.no_grad()
-    def run(self, model: CLIP, device: torch.device, dtype: torch.dtype, limit: Optional[int] = None) -> dict[str, float]:
+    def run(self, model: ContrastiveModel, device: torch.device, dtype: torch.dtype, limit: Optional[int] = None) -> dict[str, float]:
         was_training = model.training
         model.eval()
         images_fn = lambda x: model.encode_image(x.to(device, dtype))  # noqa: E731

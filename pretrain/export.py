@@ -23,7 +23,7 @@ from pretrain.checkpoint import COMPLETE, complete_checkpoints
 from pretrain.config import TrainConfig, to_config
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.transforms import image_transform
-from pretrain.models import CLIP
+from pretrain.models import ContrastiveModel, build_model
 
 CONFIG_FILE = "config.yaml"
 TOKENIZER_FILE = "tokenizer.model"
@@ -65,7 +65,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 @dataclass
 class Exported:
-    model: CLIP
+    model: ContrastiveModel
     tokenizer: Tokenizer
     config: TrainConfig
     transform: Callable[[Image.Image], torch.Tensor]
@@ -78,7 +78,7 @@ def load_exported(path: str | Path) -> Exported:
             raise FileNotFoundError(f"{path} is not an export: {name} is missing (create one with `python -m pretrain.export`)")
     cfg = load_config(path / CONFIG_FILE)
     tokenizer = Tokenizer(path / TOKENIZER_FILE, cfg.model.text.context_length)
-    model = CLIP(cfg.model, eos_id=tokenizer.eos_id)
+    model = build_model(cfg.model, eos_id=tokenizer.eos_id)
     model.load_state_dict(load_file(str(path / WEIGHTS_FILE)), strict=True)
     model.eval()
     return Exported(model, tokenizer, cfg, image_transform(cfg.model.vision.image_size))

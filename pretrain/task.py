@@ -1,21 +1,35 @@
 """Model + loss as one module, so DeepSpeed wraps (and checkpoints) one thing."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import torch
 from torch import nn
 
-from pretrain.losses import ClipLoss
-from pretrain.models import CLIP
+from pretrain.config import Arch, TrainConfig
+from pretrain.losses import ClipLoss, MoeAuxLoss
+from pretrain.models import ContrastiveModel
 
 
 class ContrastiveTask(nn.Module):
-    def __init__(self, model: CLIP, loss: ClipLoss) -> None:
+    def __init__(self, model: ContrastiveModel, loss: ClipLoss, aux: Optional[MoeAuxLoss] = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
+        self.aux = aux  # router losses, for models that return ``routing`` (LiMoE)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        """images (B, 3, H, W), tokens (B, L) -> {"loss": (), "contrastive": (), "logit_scale": ()}."""
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
+        """images (B, 3, H, W), tokens (B, L) -> {"loss": (), "contrastive": (), "logit_scale": (),
+        "metrics": {name: () detached}} where loss = contrastive + weighted auxiliary losses."""
         out = self.model(images, tokens)
         contrastive = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
-        return {"loss": contrastive, "contrastive": contrastive.detach(), "logit_scale": out["logit_scale"].detach()}
+        loss, metrics = contrastive, {}
+        if self.aux is not None and "routing" in out:
+            aux_loss, metrics = self.aux(out["routing"])
+            loss = loss + aux_loss.to(loss.dtype)
+        return {"loss": loss, "contrastive": contrastive.detach(), "logit_scale": out["logit_scale"].detach(), "metrics": metrics}
+
+
+def build_task(cfg: TrainConfig, model: ContrastiveModel) -> ContrastiveTask:
+    aux = MoeAuxLoss(cfg.model.moe) if cfg.model.arch == Arch.limoe else None
+    return ContrastiveTask(model, ClipLoss(cfg.loss.local_loss, cfg.loss.label_smoothing), aux)

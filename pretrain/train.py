@@ -28,6 +28,7 @@ def main(dict_cfg: DictConfig) -> None:
     setup_logging()
     try:
         cfg = to_config(dict_cfg)
+        cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
         check_inputs(cfg)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

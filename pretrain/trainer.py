@@ -15,13 +15,13 @@ from omegaconf import OmegaConf
 from data_prep.atomic import atomic_write
 from pretrain import engine as engine_lib
 from pretrain.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
-from pretrain.config import TrainConfig, to_dict
+from pretrain.config import Arch, TrainConfig, to_dict
 from pretrain.data import TrainLoader, Tokenizer, image_transform
 from pretrain.evaluate import Evaluator
-from pretrain.losses import ClipLoss
-from pretrain.models import CLIP
+from pretrain.models import ContrastiveModel, build_model
 from pretrain.monitor import Monitor, NullMonitor, make_monitor
-from pretrain.task import ContrastiveTask
+from pretrain.schedule import masking_enabled
+from pretrain.task import build_task
 from pretrain.throughput import Throughput, device_peak_tflops
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,12 @@ class Trainer:
         self.tokenizer = Tokenizer(cfg.data.tokenizer, cfg.model.text.context_length)
         if cfg.model.text.vocab_size == 0:
             cfg.model.text.vocab_size = self.tokenizer.vocab_size
-        model = CLIP(cfg.model, eos_id=self.tokenizer.eos_id)
-        self.engine = engine_lib.initialize(ContrastiveTask(model, ClipLoss(cfg.loss.local_loss)), cfg)
+        model = build_model(cfg.model, eos_id=self.tokenizer.eos_id)
+        moe_layers = engine_lib.enable_expert_parallel(model, cfg.model.moe.ep_size)
+        self.engine = engine_lib.initialize(build_task(cfg, model), cfg)
+        if moe_layers:
+            log.info("%d MoE layers x %d experts, expert-parallel over %d rank(s)",
+                     moe_layers, cfg.model.moe.num_experts, cfg.model.moe.ep_size)
         self.dtype = engine_lib.compute_dtype(cfg)
         self.loader = TrainLoader(cfg.data, cfg.model.vision.image_size, self.tokenizer, self.dist.rank, self.dist.world_size)
         self.evaluator = Evaluator(cfg.eval, self.tokenizer, image_transform(cfg.model.vision.image_size))
@@ -58,6 +62,7 @@ class Trainer:
         peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
         self.state = TrainState()
+        self.last_metrics: dict[str, torch.Tensor] = {}
         self.monitor: Monitor = NullMonitor()
         self.config_dict = to_dict(cfg)  # resolved once (vocab_size filled in above); fixed from here on
         config_yaml = OmegaConf.to_yaml(self.config_dict).encode()
@@ -69,7 +74,7 @@ class Trainer:
                 f.write(config_yaml)
 
     @property
-    def model(self) -> CLIP:
+    def model(self) -> ContrastiveModel:
         return self.engine.module.model
 
     # -- the loop -------------------------------------------------------------------------------
@@ -107,6 +112,7 @@ class Trainer:
         """One optimizer step: grad_accum micro-steps of forward, backward, (boundary) update."""
         t0 = time.perf_counter()
         loss_sum = torch.zeros(())
+        self.model.set_masking(masking_enabled(self.cfg, self.state.step))  # FLIP's phase 2: off
         for _ in range(self.cfg.engine.grad_accum):
             batch = self.loader.next()
             images = batch["images"].to(self.dist.device, self.dtype, non_blocking=True)  # (B, 3, H, W)
@@ -116,13 +122,17 @@ class Trainer:
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
             loss_sum += out["contrastive"].float().cpu()
         self.state.train_seconds += time.perf_counter() - t0
+        self.last_metrics = out["metrics"]  # moe/*: tensors, made floats only when logged
         return {"loss": loss_sum.item() / self.cfg.engine.grad_accum, "logit_scale": out["logit_scale"].float().item()}
 
     def log_metrics(self, losses: dict[str, float], interval: "Interval") -> None:
-        """Collective (all ranks): rank-averaged loss and data-wait fraction, then rank 0 logs."""
+        """Collective (all ranks): rank-averaged loss, data-wait fraction and model metrics (the
+        last step's moe/*), then rank 0 logs."""
         seconds = time.perf_counter() - interval.t0
         wait_frac = (self.loader.wait_seconds - interval.wait0) / max(seconds, 1e-9)
-        packed = torch.tensor([losses["loss"], wait_frac], dtype=torch.float64)
+        names = sorted(self.last_metrics)  # the same on every rank: same model, same layers
+        extra = [float(self.last_metrics[k]) for k in names]
+        packed = torch.tensor([losses["loss"], wait_frac, *extra], dtype=torch.float64)
         dist.all_reduce(packed)
         packed /= self.dist.world_size
         samples = (self.state.step - interval.step0) * self.samples_per_step
@@ -134,7 +144,10 @@ class Trainer:
             "data/wait_frac": packed[1].item(),
             "data/epoch": self.loader.epoch,
             "data/corrupt_samples": float(self.loader.corrupt),
+            **{k: packed[2 + i].item() for i, k in enumerate(names)},
         }
+        if self.cfg.model.arch == Arch.flip:  # which phase the last step ran in
+            metrics["train/mask_ratio"] = self.cfg.model.flip.mask_ratio * masking_enabled(self.cfg, self.state.step - 1)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)

@@ -16,9 +16,12 @@ from pretrain.losses.gather import gather_with_grad, world_info
 
 
 class ClipLoss(nn.Module):
-    def __init__(self, local_loss: bool = True) -> None:
+    def __init__(self, local_loss: bool = True, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.local_loss = local_loss
+        # ALIGN smooths the one-hot targets (0.1): captions are noisy and near-duplicate pairs in
+        # a batch are not true negatives.
+        self.label_smoothing = label_smoothing
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """image_features, text_features (B, D) unit-norm on this rank; logit_scale () -> loss ()."""
@@ -35,4 +38,6 @@ class ClipLoss(nn.Module):
             logits_per_image = scale * all_img @ all_txt.T  # (W*B, W*B)
             logits_per_text = logits_per_image.T
             labels = torch.arange(all_img.shape[0], device=img.device)  # (W*B,)
-        return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        eps = self.label_smoothing
+        return (F.cross_entropy(logits_per_image, labels, label_smoothing=eps)
+                + F.cross_entropy(logits_per_text, labels, label_smoothing=eps)) / 2

@@ -25,7 +25,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
         rank, world = world_info(group)
         ctx.group, ctx.rank, ctx.rows = group, rank, x.shape[0]
         out = x.new_empty((world * x.shape[0], *x.shape[1:]))  # (W*B, ...)
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        dist.all_gather_single(out, x.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -42,6 +42,31 @@ def gather_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None)
     return _AllGatherWithGrad.apply(x, group)
 
 
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Forward: the sum over ranks. Backward: every rank's loss depends on that sum, so the
+    gradient reaching this rank's input is the sum over ranks of the incoming gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Sum of ``x`` over ranks, differentiable; ``x`` itself outside a distributed run."""
+    if world_info(group)[1] == 1:
+        return x
+    return _AllReduceSumWithGrad.apply(x, group)
+
+
 @torch.no_grad()
 def gather_no_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """(B, ...) -> (W*B, ...) without autograd; every rank must pass the same B (evaluation)."""
@@ -49,5 +74,5 @@ def gather_no_grad(x: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -
     if world == 1:
         return x
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    dist.all_gather_single(out, x.contiguous(), group=group)
     return out

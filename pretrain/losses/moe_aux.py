@@ -15,14 +15,17 @@ rank can take over its own tokens. Global entropy is not: the entropy of the mea
 over the global batch differs from the mean of per-rank entropies. Pass ``reduce_fn`` to sum the
 statistics over ranks before the entropy is taken. It receives one (E+1,) fp32 tensor,
 ``[probability mass per expert (E,), token count]``, and must return its sum over ranks, e.g.
-``lambda s: torch.distributed.nn.functional.all_reduce(s)`` (the autograd-aware all-reduce, so the
-gradient reaches every rank's router; the plain ``dist.all_reduce`` would cut it).
+:func:`~pretrain.losses.gather.all_reduce_sum_with_grad` (autograd-aware, so the gradient reaches
+every rank's router; the plain ``dist.all_reduce`` would cut it), which :class:`MoeAuxLoss` uses.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 import torch
+
+from pretrain.config import MoeConfig
+from pretrain.losses.gather import all_reduce_sum_with_grad
 
 ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,3 +84,52 @@ def global_entropy_loss(probs: torch.Tensor, tau: float, reduce_fn: ReduceFn | N
     above the threshold the loss and its gradient are zero.
     """
     return torch.clamp(tau - global_entropy(probs, reduce_fn), min=0.0)
+
+
+class MoeAuxLoss(torch.nn.Module):
+    """Weighted sum of the four router losses over every MoE layer and modality, plus ``moe/*``.
+
+    Each loss is averaged over the (layer, modality) pairs, so a weight means the same thing for
+    any depth. Metrics are detached tensors (converted to floats only when logged):
+    ``moe/aux/<loss>`` and, per layer and modality, ``moe/layer<i>/<modality>/...``: the fraction of
+    assignments per expert (``load_e<j>``) and its entropy (``usage_entropy``), local and global
+    entropy and the dropped-token fraction.
+    """
+
+    def __init__(self, cfg: MoeConfig, reduce_fn: ReduceFn | None = all_reduce_sum_with_grad) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.reduce_fn = reduce_fn
+
+    def forward(self, routing: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.cfg
+        sums = {"importance": 0.0, "load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0}
+        metrics: dict[str, torch.Tensor] = {}
+        pairs = 0
+        for modality, layers in routing.items():
+            for i, stats in enumerate(layers):
+                local = local_entropy_loss(stats.probs)
+                glob = global_entropy(stats.probs, self.reduce_fn)
+                sums["importance"] = sums["importance"] + importance_loss(stats.probs)
+                sums["load"] = sums["load"] + load_balancing_loss(stats.probs, stats.expert_index)
+                sums["local_entropy"] = sums["local_entropy"] + local
+                sums["global_entropy"] = sums["global_entropy"] + torch.clamp(c.tau - glob, min=0.0)
+                prefix = f"moe/layer{i}/{modality}"
+                metrics[f"{prefix}/local_entropy"] = local.detach()
+                metrics[f"{prefix}/global_entropy"] = glob.detach()
+                metrics[f"{prefix}/dropped_frac"] = stats.dropped_frac
+                # Entropy of where tokens actually went (argmax, not probabilities): the number
+                # that shows a collapse onto one expert even while the router's softmax is flat.
+                metrics[f"{prefix}/usage_entropy"] = _entropy(stats.load)
+                for e, share in enumerate(stats.load.unbind()):
+                    metrics[f"{prefix}/load_e{e}"] = share
+                pairs += 1
+        weights = {"importance": c.importance_weight, "load": c.load_weight,
+                   "local_entropy": c.local_entropy_weight, "global_entropy": c.global_entropy_weight}
+        total = torch.zeros(())
+        for name, value in sums.items():
+            mean = value / max(pairs, 1)
+            if isinstance(mean, torch.Tensor):
+                metrics[f"moe/aux/{name}"] = mean.detach()
+                total = total.to(mean.device) + weights[name] * mean
+        return total, metrics

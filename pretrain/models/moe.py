@@ -1,7 +1,8 @@
 """Mixture-of-experts MLP with top-k routing and Batch Priority Routing (V-MoE, LIMoE).
 
-A plain ``nn.Module``: every expert lives on this rank. Expert parallelism (sharding the E axis
-over ranks) is the engine's job and will wrap this layer's dispatch, not replace its maths.
+A plain ``nn.Module`` that knows nothing about ranks. Expert parallelism is one hook: the engine
+may give the layer an *exchange* (a differentiable all-to-all over P ranks); the layer then
+computes only its E/P experts, over the slots that every rank of its group filled for them.
 
 Routing, for T tokens and E experts:
 1. the router gives softmax probabilities (T, E); each token picks its top-k experts, and the
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,17 @@ class RoutingStats:
     load: torch.Tensor  # (E,) fraction of the T*k assignments routed to each expert (pre-capacity)
     dropped_frac: torch.Tensor  # () fraction of tokens with no kept assignment (zero MLP output)
     capacity: int  # slots per expert in this call: C, capped at T
+
+
+class Exchange(Protocol):
+    """A differentiable all-to-all over the ``size`` ranks that share one set of experts."""
+
+    size: int  # ranks in the expert-parallel group
+    rank: int  # this rank's index in it
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """(size, ...) where chunk i goes to rank i -> (size, ...) where chunk j came from rank j."""
+        ...
 
 
 class MoeMlp(nn.Module):
@@ -79,6 +92,36 @@ class MoeMlp(nn.Module):
         nn.init.uniform_(self.w2, -(hidden**-0.5), hidden**-0.5)
         # Small router init keeps the early softmax near uniform, so no expert wins by accident.
         nn.init.normal_(self.router.weight, std=0.02)
+        self.exchange: Optional[Exchange] = None
+
+    def set_exchange(self, exchange: Optional[Exchange]) -> None:
+        """Compute only this rank's E/P experts, trading slots with the group (None: all local).
+
+        Every rank of the group must call the layer with the same number of tokens (the capacity,
+        hence the exchanged shapes, follows from it), as data-parallel training does.
+        """
+        if exchange is not None and self.num_experts % exchange.size:
+            raise ValueError(f"{self.num_experts} experts cannot be split over {exchange.size} ranks")
+        self.exchange = exchange
+
+    def _experts(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Experts [first, last) over their slot blocks: (last-first, S, D) -> same shape."""
+        h = F.gelu(torch.bmm(h, self.w1[first:last]) + self.b1[first:last].unsqueeze(1))  # (e, S, H)
+        return torch.bmm(h, self.w2[first:last]) + self.b2[first:last].unsqueeze(1)  # (e, S, D)
+
+    def run_experts(self, slots: torch.Tensor) -> torch.Tensor:
+        """slots (E, C, D) of this rank's tokens -> expert outputs (E, C, D)."""
+        E, C, D = slots.shape
+        if self.exchange is None:
+            return self._experts(slots, 0, E)
+        P, r = self.exchange.size, self.exchange.rank
+        local = E // P
+        # Chunk p of (P, E/P, C, D) holds the slots of the experts rank p computes: send it there.
+        received = self.exchange(slots.reshape(P, local, C, D))  # (P, E/P, C, D) chunk j from rank j
+        h = received.transpose(0, 1).reshape(local, P * C, D)  # (E/P, P*C, D)
+        h = self._experts(h, r * local, (r + 1) * local)  # (E/P, P*C, D)
+        h = h.reshape(local, P, C, D).transpose(0, 1).contiguous()  # (P, E/P, C, D) chunk j for rank j
+        return self.exchange(h).reshape(E, C, D)  # chunk p: rank p's experts on our slots
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, D) -> probs (T, E), gates (T, k), expert_index (T, k), slot position (T, k)."""
@@ -117,9 +160,7 @@ class MoeMlp(nn.Module):
         token_id = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[kept]  # (M,)
         slot = (expert_index * slots_per_expert + position)[kept]  # (M,)
         buffer = x.new_zeros(E * slots_per_expert, D).index_copy(0, slot, x[token_id])  # (E*C, D)
-        h = buffer.view(E, slots_per_expert, D)  # (E, C, D)
-        h = F.gelu(torch.bmm(h, self.w1) + self.b1.unsqueeze(1))  # (E, C, H)
-        h = torch.bmm(h, self.w2) + self.b2.unsqueeze(1)  # (E, C, D)
+        h = self.run_experts(buffer.view(E, slots_per_expert, D))  # (E, C, D)
         # Empty slots hold expert(0) != 0, but no token gathers them.
         expert_out = h.reshape(E * slots_per_expert, D)[slot]  # (M, D)
         weighted = expert_out * gates[kept].unsqueeze(1).to(expert_out.dtype)  # (M, D)

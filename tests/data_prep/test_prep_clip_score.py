@@ -250,7 +250,7 @@ def test_pickled_stage_leaves_its_model_behind_and_reloads(export, heldout):
 
 def train(run_dir: Path, data: Path, steps: int) -> list[float]:
     """The real trainer, one process on the CPU, without evals; returns the logged losses."""
-    overrides = [f"run_dir={run_dir}", f"data.root={data}", "model=tiny_test", f"steps={steps}",
+    overrides = [f"run_dir={run_dir}", f"data.root={data}", "size=tiny_test", f"steps={steps}",
                  "data.batch_size=32", "data.num_workers=0", "log_every=1", "optim.warmup_steps=3",
                  "deepspeed=zero0", "eval.zeroshot=[]", "eval.retrieval=[]", "wandb.mode=disabled"]
     proc = subprocess.run([sys.executable, "-m", "pretrain.train", *overrides], env=rank_env(1),

@@ -20,12 +20,18 @@ def launch(*args: str, cwd: Path, timeout: float = 420) -> subprocess.CompletedP
 @pytest.mark.parametrize("override,expected", [
     ("engine.precision=fp8", ["engine.precision", "fp8", "fp32, bf16"]),
     ("engine.zero_stage=7", ["engine.zero_stage=7", "0, 1, 2 or 3"]),
-    ("model=vit_b17", ["model/vit_b17", "vit_b16"]),
+    ("size=vit_b17", ["size/vit_b17", "vit_b16"]),
+    ("model=clipp", ["model/clipp", "limoe"]),
+    ("model.flip.mask_ratio=1.0", ["model.flip.mask_ratio=1.0", "[0, 1)"]),
+    ("model.moe.top_k=9", ["model.moe.top_k=9", "model.moe.num_experts=8"]),
+    ("model.moe.ep_size=3", ["model.moe.ep_size=3", "must divide model.moe.num_experts=8"]),
+    ("model.moe.ep_size=4", ["model.moe.ep_size=4", "needs model=limoe"]),
+    ("model=limoe model.moe.ep_size=4", ["model.moe.ep_size=4", "world size 2"]),
     ("data.root=/no/such/dataset", ["/no/such/dataset"]),
 ])
 def test_bad_config_fails_before_any_work_with_one_line(tmp_path: Path, override: str, expected: list[str]) -> None:
     t0 = time.monotonic()
-    proc = launch("train", override, cwd=tmp_path)
+    proc = launch("train", *override.split(), cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("config error:"), proc.stderr
@@ -47,7 +53,7 @@ def test_demo_flow_trains_exports_and_prints_the_summary(small_build, tmp_path: 
     """The README's main job, shrunk: the prebuilt small dataset is reused, 6 steps of tiny_test."""
     run_dir = tmp_path / "run"
     proc = launch("demo", "--nproc-per-node", "2", f"run_dir={run_dir}", f"data.root={small_build.out_dir}",
-                  "model=tiny_test", "steps=6", "optim.warmup_steps=1", "eval.every=0", "checkpoint.every=3",
+                  "size=tiny_test", "steps=6", "optim.warmup_steps=1", "eval.every=0", "checkpoint.every=3",
                   "data.batch_size=16", "eval.zeroshot.0.limit=300", "wandb.mode=offline", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "reusing the dataset" in proc.stdout

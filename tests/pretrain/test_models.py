@@ -13,7 +13,7 @@ from pretrain.losses import ClipLoss
 from pretrain.models import CLIP, param_groups
 from pretrain.task import ContrastiveTask
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF = Path(__file__).resolve().parents[2] / "conf" / "size"
 
 
 def preset(name: str, vocab_size: int) -> ModelConfig:

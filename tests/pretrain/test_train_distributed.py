@@ -24,7 +24,7 @@ TIMEOUT = 420
 
 def train(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
     overrides = [
-        f"run_dir={run_dir}", f"data.root={data}", "model=tiny_test", "data.batch_size=16", "data.num_workers=1",
+        f"run_dir={run_dir}", f"data.root={data}", "size=tiny_test", "data.batch_size=16", "data.num_workers=1",
         "log_every=1", "optim.warmup_steps=2", "eval.zeroshot.0.limit=300", "wandb.mode=offline", *extra,
     ]
     proc = subprocess.run(torchrun_command(nproc, overrides), env=rank_env(nproc), capture_output=True, text=True, timeout=TIMEOUT)
