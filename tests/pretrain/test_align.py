@@ -100,9 +100,10 @@ def test_padding_is_never_attended() -> None:
 
 def test_label_smoothed_loss_matches_hand_computed_cross_entropy() -> None:
     torch.manual_seed(0)
-    B, D, eps, scale = 5, 8, 0.1, torch.tensor(3.0)
+    B, D, eps, scale = 5, 8, 0.1, torch.tensor(10.0)
     img = F.normalize(torch.randn(B, D), dim=-1)  # (B, D)
-    txt = F.normalize(torch.randn(B, D), dim=-1)  # (B, D)
+    # Captions near their images, so the softmax is peaked and smoothing visibly moves the loss.
+    txt = F.normalize(img + 0.3 * torch.randn(B, D), dim=-1)  # (B, D)
     logits = scale * img @ txt.T  # (B, B) image i against caption j
     # Smoothed targets: 1 - eps on the true pair, and eps spread evenly over all B columns.
     targets = (1 - eps) * torch.eye(B) + eps / B  # (B, B)
@@ -110,7 +111,7 @@ def test_label_smoothed_loss_matches_hand_computed_cross_entropy() -> None:
     text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
     expected = (image_to_text + text_to_image) / 2
     assert ClipLoss(label_smoothing=eps)(img, txt, scale).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert ClipLoss()(img, txt, scale).item() != pytest.approx(expected.item(), rel=1e-3)
+    assert ClipLoss()(img, txt, scale).item() < 0.9 * expected.item()  # smoothing is not a no-op
 
 
 def test_positions_select_the_original_positional_embeddings() -> None:
