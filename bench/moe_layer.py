@@ -2,7 +2,8 @@
 vs a dense MLP of the same active parameters, forward + backward, one run, same inputs.
 
     ./run bench moe_layer [--dim 768] [--hidden 3072] [--experts 8] [--tokens 3152]
-                          [--steps 10] [--warmup 2] [--capacity-factor 1.0] [--profile]
+                          [--steps 10] [--warmup 2] [--capacity-factor 1.0] [--threads N]
+                          [--profile]
 
 (``./run bench NAME`` runs bench/NAME.py with the venv; ``.venv/bin/python bench/moe_layer.py``
 works too.) Defaults are a LiMoE-B/16 MLP: D=768, H=3072, E=8 experts, top-1, capacity factor 1.0,
@@ -216,12 +217,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10, help="timed rounds (each times every system once)")
     p.add_argument("--warmup", type=int, default=2, help="rounds before them, not timed")
     p.add_argument("--capacity-factor", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="then print torch.profiler's table of ours")
     a = p.parse_args()
     if a.steps < 1 or a.warmup < 0:
         p.error("need --steps >= 1 and --warmup >= 0")
 
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     device = init_distributed().device  # 1-process group (gloo on CPU, no shm op build; NCCL on CUDA)
     torch.manual_seed(a.seed)
     D, H, E, T = a.dim, a.hidden, a.experts, a.tokens

@@ -49,6 +49,8 @@ class Trainer:
         if cfg.model.text.vocab_size == 0:
             cfg.model.text.vocab_size = self.tokenizer.vocab_size
         model = build_model(cfg.model, eos_id=self.tokenizer.eos_id)
+        # From here on each rank draws its own random numbers (FLIP's masks, router noise).
+        torch.manual_seed(cfg.seed + 1 + self.dist.rank)
         moe_layers = engine_lib.enable_expert_parallel(model, cfg.model.moe.ep_size)
         self.engine = engine_lib.initialize(build_task(cfg, model), cfg)
         if moe_layers:
@@ -61,6 +63,7 @@ class Trainer:
         self.samples_per_step = self.dist.world_size * cfg.data.batch_size * cfg.engine.grad_accum
         peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
+        self.masking = True  # what the model starts with (only FLIP has a switch)
         self.state = TrainState()
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.monitor: Monitor = NullMonitor()
@@ -112,7 +115,11 @@ class Trainer:
         """One optimizer step: grad_accum micro-steps of forward, backward, (boundary) update."""
         t0 = time.perf_counter()
         loss_sum = torch.zeros(())
-        self.model.set_masking(masking_enabled(self.cfg, self.state.step))  # FLIP's phase 2: off
+        masking = masking_enabled(self.cfg, self.state.step)
+        if masking != self.masking:  # FLIP's phase 2: unmasked, so each step costs more FLOPs
+            self.model.set_masking(masking)
+            self.masking = masking
+            self.throughput.train_flops_per_sample = 3 * self.model.flops_per_sample()
         for _ in range(self.cfg.engine.grad_accum):
             batch = self.loader.next()
             images = batch["images"].to(self.dist.device, self.dtype, non_blocking=True)  # (B, 3, H, W)
