@@ -2,13 +2,13 @@
 vs a dense MLP of the same active parameters, forward + backward, one run, same inputs.
 
     ./run bench moe_layer [--dim 768] [--hidden 3072] [--experts 8] [--tokens 3152]
-                          [--steps 10] [--warmup 2] [--capacity-factor 1.0] [--threads N]
+                          [--steps 15] [--warmup 2] [--capacity-factor 1.0] [--threads N]
                           [--profile]
 
 (``./run bench NAME`` runs bench/NAME.py with the venv; ``.venv/bin/python bench/moe_layer.py``
 works too.) Defaults are a LiMoE-B/16 MLP: D=768, H=3072, E=8 experts, top-1, capacity factor 1.0,
 3152 tokens per call (16 images x 197 tokens), fp32. On a 2-core CPU the whole run takes about
-1-2 minutes; smaller sizes (e.g. ``--dim 256 --hidden 1024``) finish in seconds.
+1 minute; smaller sizes (e.g. ``--dim 256 --hidden 1024``) take about 10 s.
 
 Systems (one process; CUDA if available, else CPU with a 1-process gloo group, which DeepSpeed's MoE
 needs to exist):
@@ -31,6 +31,9 @@ back-propagated against a fixed random cotangent, i.e. loss = <out, G>; the inpu
 a block's hidden state does; gradients set to None between iterations, outside the timing). Each
 round times every system once, the order rotated by one every round so that no system always runs
 right after another or first on a warm cache; the first ``--warmup`` rounds are not counted.
+Run it on a quiet machine (the header prints the load average): with 2 threads on 2 shared cores,
+another busy process stalls every matmul unevenly and the medians then say more about the
+neighbours than about the layers (min/max show the spread).
 Auxiliary losses are not part of the loss for any system (DeepSpeed's gate computes its ``l_aux``
 inside the forward anyway; ours returns the router probabilities for the loss module to use).
 
@@ -214,7 +217,7 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=3072, help="expert MLP width H")
     p.add_argument("--experts", type=int, default=8, help="E")
     p.add_argument("--tokens", type=int, default=16 * 197, help="T per call (default: 16 images x 197)")
-    p.add_argument("--steps", type=int, default=10, help="timed rounds (each times every system once)")
+    p.add_argument("--steps", type=int, default=15, help="timed rounds (each times every system once)")
     p.add_argument("--warmup", type=int, default=2, help="rounds before them, not timed")
     p.add_argument("--capacity-factor", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
