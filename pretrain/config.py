@@ -286,8 +286,6 @@ class TrainConfig:
                f"stop_at={self.stop_at} must be between 1 and steps={self.steps}")
         _check(self.optim.warmup_steps <= self.steps,
                f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
-        _check(self.model.moe.ep_size == 1 or self.engine.zero_stage in (0, 1, 2),
-               f"model.moe.ep_size={self.model.moe.ep_size} works with engine.zero_stage 0, 1 or 2, not {self.engine.zero_stage}")
 
     def check_world(self, world_size: int) -> None:
         """Rules that need the number of ranks (known at launch, before any rank starts)."""

@@ -140,10 +140,10 @@ def enable_expert_parallel(model: nn.Module, ep_size: int) -> int:
 
     DeepSpeed makes the process groups (``ep_size`` consecutive ranks share one copy of the E
     experts; rank r of a group computes experts [r*E/ep, (r+1)*E/ep)) and its all-to-all moves
-    each token to the rank computing its expert and back. Expert weights stay replicated as
-    ordinary data-parallel parameters (ZeRO partitions their optimizer state and gradients like
-    any other): a rank's gradient for an expert it does not compute is zero, so the data-parallel
-    mean equals the gradient of the same model trained without expert parallelism.
+    each token to the rank computing its expert and back. Expert weights stay ordinary
+    data-parallel parameters (ZeRO partitions them like any other; stage 3 their weights too): a
+    rank's gradient for an expert it does not compute is zero, so the data-parallel mean equals
+    the gradient of the same model trained without expert parallelism.
     """
     layers = [m for m in model.modules() if isinstance(m, MoeMlp)]
     if ep_size == 1 or not layers:

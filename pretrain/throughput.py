@@ -23,7 +23,7 @@ GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
 }
 
 
-def measured_matmul_tflops(size: int = 1024, repeats: int = 8) -> float:
+def measured_matmul_tflops(size: int = 1024, repeats: int = 24) -> float:
     """TFLOP/s of an fp32 (size x size) matmul on the CPU, best of ``repeats``."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b  # warm-up: thread pool and caches

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -21,6 +22,8 @@ def setup_logging() -> None:
                         format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # DeepSpeed's ZeRO still calls this collective by its old name; torch warns at every call site.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")

@@ -57,11 +57,14 @@ class Trainer:
             log.info("%d MoE layers x %d experts, expert-parallel over %d rank(s)",
                      moe_layers, cfg.model.moe.num_experts, cfg.model.moe.ep_size)
         self.dtype = engine_lib.compute_dtype(cfg)
+        # Before the loader's worker processes start: on CPU the peak is a measured matmul, and
+        # workers decoding images on the same cores would halve it (MFU over 100% on CPU runs).
+        dist.barrier()
+        peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
         self.loader = TrainLoader(cfg.data, cfg.model.vision.image_size, self.tokenizer, self.dist.rank, self.dist.world_size)
         self.evaluator = Evaluator(cfg.eval, self.tokenizer, image_transform(cfg.model.vision.image_size))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist.rank, self.dist.world_size)
         self.samples_per_step = self.dist.world_size * cfg.data.batch_size * cfg.engine.grad_accum
-        peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
         self.masking = True  # what the model starts with (only FLIP has a switch)
         self.state = TrainState()

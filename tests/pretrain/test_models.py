@@ -97,3 +97,32 @@ def test_param_groups_leave_gains_biases_and_temperature_undecayed() -> None:
     assert id(model.logit_scale) in undecayed
     assert all(p.ndim < 2 for p in no_decay["params"]) and all(p.ndim >= 2 for p in decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("arch", ["clip", "align", "flip", "limoe"])
+@pytest.mark.parametrize("size", ["tiny_test", "demo", "vit_b16", "vit_l14", "vit_h14"])
+def test_every_architecture_builds_at_every_size(arch: str, size: str) -> None:
+    """``model=<arch> size=<size>`` composes through hydra, validates and builds (shapes only)."""
+    from hydra import compose, initialize_config_dir
+
+    from pretrain.config import to_config
+    from pretrain.models import build_model
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base=None):
+        cfg = to_config(compose("train", overrides=[f"model={arch}", f"size={size}"])).model
+    cfg.text.vocab_size = 49408
+    with torch.device("meta"):
+        model = build_model(cfg, eos_id=3)
+    assert cfg.arch.value == arch and cfg.name == size
+    assert model.flops_per_sample() > 0
+    params = sum(p.numel() for p in model.parameters())
+    if arch == "flip":  # same weights as CLIP; masking only cuts the training FLOPs
+        with torch.device("meta"):
+            clip = CLIP(cfg, eos_id=3)
+        assert params == sum(p.numel() for p in clip.parameters())
+        assert model.flops_per_sample() < clip.flops_per_sample()
+    if arch == "limoe":  # E experts in every other layer of the shared trunk
+        v, m = cfg.vision, cfg.moe
+        expert = 2 * v.width * int(v.width * v.mlp_ratio) + int(v.width * v.mlp_ratio) + v.width
+        experts = sum(p.numel() for n, p in model.named_parameters() if n.split(".")[-1] in ("w1", "b1", "w2", "b2"))
+        assert experts == (v.layers // m.every) * m.num_experts * expert
