@@ -166,8 +166,16 @@ class Trainer:
                  self.state.step, self.cfg.steps, metrics["train/loss"], metrics["train/lr"], metrics["train/logit_scale"],
                  metrics["train/samples_per_sec"], 100 * metrics["train/mfu"], 100 * metrics["data/wait_frac"])
 
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm running statistics in ALIGN's CNN), as DDP
+        does: training never reads them, but evaluation and the checkpoint (saved from rank 0)
+        do, so every rank must evaluate, and a resumed run continue, with the same ones."""
+        for buffer in self.model.buffers():
+            dist.broadcast(buffer, src=0)
+
     def evaluate(self, limit: Optional[int]) -> dict[str, float]:
         t0 = time.perf_counter()
+        self.sync_buffers()
         metrics = self.evaluator.run(self.model, self.dist.device, self.dtype, limit=limit)
         self.monitor.log(metrics, step=self.state.step)
         log.info("eval at step %d (%.1fs): %s", self.state.step, time.perf_counter() - t0,
@@ -177,6 +185,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
+        self.sync_buffers()
         client_state = {"train_state": asdict(self.state), "config": self.config_dict}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, self.checkpoint_files)

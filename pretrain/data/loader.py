@@ -57,8 +57,12 @@ class TrainLoader:
             self.cfg.num_workers, self.cfg.seed, self.cfg.shuffle_buffer,
             cursors=self.cursors, slot_offset=self.batches % self.slots,
         )
+        # Its own generator: starting workers draws a seed, and drawing it from the global RNG
+        # would shift the model's random numbers (FLIP's masks) in a resumed run, whose loader
+        # starts at a different point of the RNG stream than the uninterrupted run's did.
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                            prefetch_factor=4 if self.cfg.num_workers else None)
+                            prefetch_factor=4 if self.cfg.num_workers else None,
+                            generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
         self._iter = iter(loader)
 
     def next(self) -> dict[str, torch.Tensor]:

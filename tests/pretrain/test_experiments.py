@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.local import rank_env, torchrun_command
 from pretrain.export import export_checkpoint, load_exported
@@ -89,3 +90,28 @@ def test_expert_parallel_training_matches_plain_data_parallel_under_zero3(small_
         losses[ep] = [steps[s]["train/loss"] for s in range(1, 5)]
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
     assert len(set(losses[1])) == 4  # the weights moved: four different losses
+
+
+@pytest.mark.parametrize("experiment,extra", [
+    # FLIP: random masks of both modalities, and the stop falls just before the unmasked phase.
+    ("flip", ["model.flip.unmasked_fraction=0.25", "model.flip.text_mask_ratio=0.25"]),
+    # ALIGN: LAMB's state, and BatchNorm statistics that each rank would otherwise keep its own of.
+    ("align", []),
+])
+def test_resume_is_exact(small_build, tmp_path: Path, experiment: str, extra: list[str]) -> None:
+    """8 steps straight == 5 steps, stop, resume, 3 steps: the same loss at every step and the
+    same exported weights and buffers."""
+    common = ["size=tiny_test", "steps=8", "checkpoint.every=100", "eval.zeroshot.0.limit=200", *extra]
+    straight = run_experiment(tmp_path / "straight", small_build.out_dir, experiment, *common)
+    run_experiment(tmp_path / "split", small_build.out_dir, experiment, *common, "stop_at=5")
+    split = run_experiment(tmp_path / "split", small_build.out_dir, experiment, *common)
+    for step in range(1, 9):
+        assert split[step]["train/loss"] == pytest.approx(straight[step]["train/loss"], rel=1e-5, abs=1e-6), f"step {step}"
+    if experiment == "flip":
+        assert [split[s]["train/mask_ratio"] for s in range(1, 9)] == [0.5] * 6 + [0.0] * 2
+    for key in ("eval/zeroshot/fashion_mnist/top1", "eval/retrieval/tuxpaint/text_to_image_r10"):
+        assert split[8][key] == pytest.approx(straight[8][key])
+    a = load_exported(export_checkpoint(tmp_path / "straight", tmp_path / "export_a")).model.state_dict()
+    b = load_exported(export_checkpoint(tmp_path / "split", tmp_path / "export_b")).model.state_dict()
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
