@@ -62,10 +62,7 @@ class VisionConfig:
     timm_model: str = "test_efficientnet"
 
     def __post_init__(self) -> None:
-        _check(self.image_size % self.patch_size == 0,
-               f"model.vision.patch_size={self.patch_size} must divide model.vision.image_size={self.image_size}")
-        _check(self.width % self.heads == 0,
-               f"model.vision.heads={self.heads} must divide model.vision.width={self.width}")
+        _check(self.image_size >= 1, f"model.vision.image_size={self.image_size} must be >= 1")
 
 
 @dataclass
@@ -152,6 +149,11 @@ class ModelConfig:
         _check(self.embed_dim >= 0, f"model.embed_dim={self.embed_dim} must be >= 0")
         _check(self.embed_dim > 0 or self.arch == Arch.align,
                f"model.embed_dim=0 is only allowed for model=align (the CNN's width); model={self.arch.value} needs a size")
+        if self.arch != Arch.align:  # ViT patches; ALIGN's CNN takes any image size
+            v = self.vision
+            _check(v.image_size % v.patch_size == 0,
+                   f"model.vision.patch_size={v.patch_size} must divide model.vision.image_size={v.image_size}")
+            _check(v.width % v.heads == 0, f"model.vision.heads={v.heads} must divide model.vision.width={v.width}")
         _check(self.arch == Arch.limoe or self.moe.ep_size == 1,
                f"model.moe.ep_size={self.moe.ep_size} needs model=limoe (model={self.arch.value} has no experts)")
 
