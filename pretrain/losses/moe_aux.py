@@ -102,18 +102,20 @@ class MoeAuxLoss(torch.nn.Module):
         self.reduce_fn = reduce_fn
 
     def forward(self, routing: dict[str, list]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """routing: modality -> RoutingStats per MoE layer -> (weighted loss (), metrics)."""
         c = self.cfg
-        sums = {"importance": 0.0, "load": 0.0, "local_entropy": 0.0, "global_entropy": 0.0}
+        weights = {"importance": c.importance_weight, "load": c.load_weight,
+                   "local_entropy": c.local_entropy_weight, "global_entropy": c.global_entropy_weight}
+        terms: dict[str, list[torch.Tensor]] = {name: [] for name in weights}
         metrics: dict[str, torch.Tensor] = {}
-        pairs = 0
         for modality, layers in routing.items():
             for i, stats in enumerate(layers):
                 local = local_entropy_loss(stats.probs)
                 glob = global_entropy(stats.probs, self.reduce_fn)
-                sums["importance"] = sums["importance"] + importance_loss(stats.probs)
-                sums["load"] = sums["load"] + load_balancing_loss(stats.probs, stats.expert_index)
-                sums["local_entropy"] = sums["local_entropy"] + local
-                sums["global_entropy"] = sums["global_entropy"] + torch.clamp(c.tau - glob, min=0.0)
+                terms["importance"].append(importance_loss(stats.probs))
+                terms["load"].append(load_balancing_loss(stats.probs, stats.expert_index))
+                terms["local_entropy"].append(local)
+                terms["global_entropy"].append(torch.clamp(c.tau - glob, min=0.0))
                 prefix = f"moe/layer{i}/{modality}"
                 metrics[f"{prefix}/local_entropy"] = local.detach()
                 metrics[f"{prefix}/global_entropy"] = glob.detach()
@@ -123,13 +125,11 @@ class MoeAuxLoss(torch.nn.Module):
                 metrics[f"{prefix}/usage_entropy"] = _entropy(stats.load)
                 for e, share in enumerate(stats.load.unbind()):
                     metrics[f"{prefix}/load_e{e}"] = share
-                pairs += 1
-        weights = {"importance": c.importance_weight, "load": c.load_weight,
-                   "local_entropy": c.local_entropy_weight, "global_entropy": c.global_entropy_weight}
-        total = torch.zeros(())
-        for name, value in sums.items():
-            mean = value / max(pairs, 1)
-            if isinstance(mean, torch.Tensor):
-                metrics[f"moe/aux/{name}"] = mean.detach()
-                total = total.to(mean.device) + weights[name] * mean
+        if not terms["load"]:  # no MoE layer ran
+            return torch.zeros(()), metrics
+        total = 0.0
+        for name, values in terms.items():
+            mean = torch.stack(values).mean()  # () over (layer, modality) pairs
+            metrics[f"moe/aux/{name}"] = mean.detach()
+            total = total + weights[name] * mean
         return total, metrics
