@@ -42,6 +42,12 @@ class OptimizerName(str, Enum):
     lamb = "lamb"  # layer-wise adaptive AdamW (You et al. 2020), ALIGN's large-batch optimizer
 
 
+class LossImpl(str, Enum):
+    naive = "naive"  # materialises the logits: the reference
+    chunked = "chunked"  # tiles over columns, O(rows x tile) memory (pretrain/losses/chunked.py)
+    auto = "auto"  # chunked (fused Triton kernels for CUDA are not in yet)
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online when WANDB_API_KEY is set, else offline
     offline = "offline"
@@ -180,9 +186,12 @@ class LossConfig:
     # rank): O(B x W*B) logits per rank instead of O(W*B x W*B), same gradients.
     local_loss: bool = True
     label_smoothing: float = 0.0  # ALIGN uses 0.1
+    impl: LossImpl = LossImpl.auto
+    tile: int = 1024  # columns per tile of the chunked loss
 
     def __post_init__(self) -> None:
         _check(0 <= self.label_smoothing < 1, f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
+        _check(self.tile >= 1, f"loss.tile={self.tile} must be >= 1")
 
 
 @dataclass

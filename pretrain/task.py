@@ -6,7 +6,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pretrain.config import Arch, TrainConfig
+from pretrain.config import Arch, LossImpl, TrainConfig
 from pretrain.losses import ClipLoss, MoeAuxLoss
 from pretrain.models import ContrastiveModel
 
@@ -32,4 +32,5 @@ class ContrastiveTask(nn.Module):
 
 def build_task(cfg: TrainConfig, model: ContrastiveModel) -> ContrastiveTask:
     aux = MoeAuxLoss(cfg.model.moe) if cfg.model.arch == Arch.limoe else None
-    return ContrastiveTask(model, ClipLoss(cfg.loss.local_loss, cfg.loss.label_smoothing), aux)
+    impl = "chunked" if cfg.loss.impl == LossImpl.auto else cfg.loss.impl.value
+    return ContrastiveTask(model, ClipLoss(cfg.loss.local_loss, cfg.loss.label_smoothing, impl, cfg.loss.tile), aux)

@@ -54,12 +54,12 @@ def loss_and_grads(task: ContrastiveTask, images: torch.Tensor, tokens: torch.Te
     return out["loss"].detach(), {n: p.grad.clone() for n, p in task.named_parameters()}
 
 
-def _rank_main(rank: int, world: int, port: int, local_loss: bool, out: str) -> None:
+def _rank_main(rank: int, world: int, port: int, local_loss: bool, out: str, impl: str = "naive") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    task = ContrastiveTask(CLIP(TINY, eos_id=3), ClipLoss(local_loss))
+    task = ContrastiveTask(CLIP(TINY, eos_id=3), ClipLoss(local_loss, impl=impl, tile=3))
     images, tokens = batch(8)
     rows = slice(rank * 4, (rank + 1) * 4)  # this rank's half of the global batch
     loss, grads = loss_and_grads(task, images[rows], tokens[rows])
@@ -79,9 +79,11 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize("local_loss", [True, False])
-def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path, local_loss: bool) -> None:
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
+def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path, local_loss: bool, impl: str) -> None:
+    """The distributed loss (either implementation) against one process with the plain loss."""
     out = tmp_path / "rank0.pt"
-    mp.spawn(_rank_main, args=(2, free_port(), local_loss, str(out)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, free_port(), local_loss, str(out), impl), nprocs=2, join=True)
     distributed = torch.load(out)
 
     torch.manual_seed(0)

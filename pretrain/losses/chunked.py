@@ -1,0 +1,103 @@
+"""Tiled softmax cross-entropy over a similarity matrix that is never held whole.
+
+For rows R (n, D), columns C (m, D) and a scale s, the logits are z = s * R C^T (n, m). The plain
+loss materialises z and its gradient: O(n x m) memory, which at a large global batch is what
+limits the batch (Inf-CL, Lin et al. 2024). Here the columns are visited in tiles of ``tile``:
+
+- forward, in one pass over the tiles: each row's log-sum-exp is accumulated online (running max
+  and sum), and each tile's columns get their complete log-sum-exp over the n rows at once, so
+  both directions of the contrastive loss come out of the same pass; only the (n,) and (m,)
+  log-sum-exps are saved;
+- backward recomputes each tile's logits and turns them into dL/dz for that tile, which is used
+  at once for dR, dC and ds.
+
+Memory is O(n x tile) instead of O(n x m); the result equals the plain loss up to float rounding.
+Label smoothing (ALIGN) is included: the smoothed target puts 1 - eps on the positive and eps/K
+on each of the K classes, so each term needs only the positive logit and the sum of a row's (or
+a column's) logits, which are dot products with a summed matrix, no tile needed.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+def _tiles(m: int, tile: int) -> range:
+    return range(0, m, tile)
+
+
+class _TiledCrossEntropy(torch.autograd.Function):
+    """loss = w_row * row-direction CE + w_col * column-direction CE (see :func:`tiled_cross_entropy`)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_labels: torch.Tensor,
+                col_labels: Optional[torch.Tensor], w_row: float, w_col: float, eps: float, tile: int) -> torch.Tensor:
+        n, m = rows.shape[0], cols.shape[0]
+        row_max = rows.new_full((n,), -float("inf"))  # (n,) running max of each row's logits
+        row_sum = rows.new_zeros(n)  # (n,) running sum of exp(z - row_max)
+        col_lse = rows.new_empty(m) if w_col else None  # (m,)
+        for j in _tiles(m, tile):
+            z = scale * rows @ cols[j : j + tile].T  # (n, t)
+            new_max = torch.maximum(row_max, z.max(dim=1).values)  # (n,)
+            row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+            row_max = new_max
+            if col_lse is not None:
+                col_lse[j : j + tile] = torch.logsumexp(z, dim=0)  # every row is in the tile
+        row_lse = row_max + torch.log(row_sum)  # (n,)
+
+        loss = rows.new_zeros(())
+        if w_row:
+            positive = scale * (rows * cols[row_labels]).sum(dim=1)  # (n,) z[i, y_i]
+            mean_logit = scale * rows @ cols.mean(dim=0)  # (n,) mean_j z[i, j]
+            loss = loss + w_row * (row_lse - (1 - eps) * positive - eps * mean_logit).mean()
+        if w_col:
+            positive = scale * (cols * rows[col_labels]).sum(dim=1)  # (m,) z[x_j, j]
+            mean_logit = scale * cols @ rows.mean(dim=0)  # (m,) mean_i z[i, j]
+            loss = loss + w_col * (col_lse - (1 - eps) * positive - eps * mean_logit).mean()
+        ctx.save_for_backward(rows, cols, scale, row_labels, row_lse,
+                              col_labels if w_col else None, col_lse if w_col else None)
+        ctx.config = (w_row, w_col, eps, tile)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        rows, cols, scale, row_labels, row_lse, col_labels, col_lse = ctx.saved_tensors
+        w_row, w_col, eps, tile = ctx.config
+        n, m = rows.shape[0], cols.shape[0]
+        grad_rows = torch.zeros_like(rows)  # (n, D)
+        grad_cols = torch.zeros_like(cols)  # (m, D)
+        grad_scale = rows.new_zeros(())
+        row_ids = torch.arange(n, device=rows.device)
+        for j in _tiles(m, tile):
+            width = min(tile, m - j)
+            z = scale * rows @ cols[j : j + width].T  # (n, t) recomputed
+            g = rows.new_zeros(n, width)  # (n, t) dL/dz on this tile
+            if w_row:
+                # (softmax over the row - smoothed one-hot target) / n
+                g += (w_row / n) * (torch.exp(z - row_lse[:, None]) - eps / m)
+                hit = (row_labels >= j) & (row_labels < j + width)  # rows whose positive is here
+                g[row_ids[hit], row_labels[hit] - j] -= (w_row / n) * (1 - eps)
+            if w_col:
+                g += (w_col / m) * (torch.exp(z - col_lse[None, j : j + width]) - eps / n)
+                g[col_labels[j : j + width], torch.arange(width, device=rows.device)] -= (w_col / m) * (1 - eps)
+            g *= grad_out
+            grad_rows += scale * g @ cols[j : j + width]  # (n, D)
+            grad_cols[j : j + width] = scale * g.T @ rows  # (t, D)
+            grad_scale += (g * z).sum() / scale
+        return grad_rows, grad_cols, grad_scale, None, None, None, None, None, None
+
+
+def tiled_cross_entropy(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_labels: torch.Tensor,
+                        col_labels: Optional[torch.Tensor] = None, w_row: float = 1.0, w_col: float = 0.0,
+                        label_smoothing: float = 0.0, tile: int = 1024) -> torch.Tensor:
+    """w_row * CE(s R C^T, row_labels) + w_col * CE((s R C^T)^T, col_labels), tiled over columns.
+
+    rows (n, D), cols (m, D), scale () -> loss (); fp32 inside whatever the input dtype. Each CE is
+    the mean over its rows (columns) of a softmax cross-entropy with ``label_smoothing``, as
+    ``F.cross_entropy`` computes it; memory O(n x tile).
+    """
+    if w_col and col_labels is None:
+        raise ValueError("the column direction needs col_labels")
+    return _TiledCrossEntropy.apply(rows.float(), cols.float(), scale.float(), row_labels, col_labels,
+                                    float(w_row), float(w_col), float(label_smoothing), int(tile))
