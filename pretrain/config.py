@@ -45,7 +45,18 @@ class OptimizerName(str, Enum):
 class LossImpl(str, Enum):
     naive = "naive"  # materialises the logits: the reference
     chunked = "chunked"  # tiles over columns, O(rows x tile) memory (pretrain/losses/chunked.py)
-    auto = "auto"  # chunked (fused Triton kernels for CUDA are not in yet)
+    triton = "triton"  # the same tiles as fused Triton kernels (CUDA; TRITON_INTERPRET=1 on CPU for tests)
+    auto = "auto"  # triton on CUDA, chunked otherwise
+
+
+class LossKind(str, Enum):
+    softmax = "softmax"  # CLIP / ALIGN symmetric InfoNCE
+    sigmoid = "sigmoid"  # SigLIP pairwise sigmoid with a learnable bias (Zhai et al. 2023)
+
+
+class LossMode(str, Enum):
+    gather = "gather"  # all-gather the features with their gradient
+    ring = "ring"  # feature blocks travel rank to rank, overlapped with the tiles (local loss only)
 
 
 class WandbMode(str, Enum):
@@ -186,12 +197,19 @@ class LossConfig:
     # rank): O(B x W*B) logits per rank instead of O(W*B x W*B), same gradients.
     local_loss: bool = True
     label_smoothing: float = 0.0  # ALIGN uses 0.1
+    kind: LossKind = LossKind.softmax
     impl: LossImpl = LossImpl.auto
+    mode: LossMode = LossMode.gather
     tile: int = 1024  # columns per tile of the chunked loss
+    init_bias: float = -10.0  # SigLIP's learnable logit bias at step 0 (sigmoid only)
 
     def __post_init__(self) -> None:
         _check(0 <= self.label_smoothing < 1, f"loss.label_smoothing={self.label_smoothing} must be in [0, 1)")
         _check(self.tile >= 1, f"loss.tile={self.tile} must be >= 1")
+        _check(not (self.mode == LossMode.ring and not self.local_loss),
+               "loss.mode=ring needs loss.local_loss=true (the full loss needs every feature on every rank)")
+        _check(not (self.kind == LossKind.sigmoid and self.label_smoothing),
+               "loss.label_smoothing applies to loss.kind=softmax only; set it to 0 for sigmoid")
 
 
 @dataclass

@@ -6,13 +6,13 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from pretrain.config import Arch, LossImpl, TrainConfig
-from pretrain.losses import ClipLoss, MoeAuxLoss
+from pretrain.config import Arch, TrainConfig
+from pretrain.losses import ContrastiveLoss, MoeAuxLoss
 from pretrain.models import ContrastiveModel
 
 
 class ContrastiveTask(nn.Module):
-    def __init__(self, model: ContrastiveModel, loss: ClipLoss, aux: Optional[MoeAuxLoss] = None) -> None:
+    def __init__(self, model: ContrastiveModel, loss: ContrastiveLoss, aux: Optional[MoeAuxLoss] = None) -> None:
         super().__init__()
         self.model = model
         self.loss = loss
@@ -27,10 +27,13 @@ class ContrastiveTask(nn.Module):
         if self.aux is not None and "routing" in out:
             aux_loss, metrics = self.aux(out["routing"])
             loss = loss + aux_loss.to(loss.dtype)
+        if self.loss.logit_bias is not None:  # SigLIP's learned bias, logged beside the temperature
+            metrics["train/logit_bias"] = self.loss.logit_bias.detach()
         return {"loss": loss, "contrastive": contrastive.detach(), "logit_scale": out["logit_scale"].detach(), "metrics": metrics}
 
 
 def build_task(cfg: TrainConfig, model: ContrastiveModel) -> ContrastiveTask:
     aux = MoeAuxLoss(cfg.model.moe) if cfg.model.arch == Arch.limoe else None
-    impl = "chunked" if cfg.loss.impl == LossImpl.auto else cfg.loss.impl.value
-    return ContrastiveTask(model, ClipLoss(cfg.loss.local_loss, cfg.loss.label_smoothing, impl, cfg.loss.tile), aux)
+    c = cfg.loss
+    loss = ContrastiveLoss(c.local_loss, c.label_smoothing, c.impl.value, c.tile, c.kind.value, c.mode.value, c.init_bias)
+    return ContrastiveTask(model, loss, aux)

@@ -35,7 +35,7 @@ from pretrain.config import ModelConfig, TextConfig, TrainConfig, VisionConfig, 
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.transforms import image_transform, to_rgb
 from pretrain.export import export_checkpoint
-from pretrain.losses.contrastive import ClipLoss
+from pretrain.losses.contrastive import ContrastiveLoss
 from pretrain.models import CLIP
 
 TRAIN, HELDOUT = (0, 400), (400, 560)  # Fashion-MNIST train-split indices
@@ -56,7 +56,7 @@ def export(tmp_path_factory: pytest.TempPathFactory) -> Path:
     text = TextConfig(context_length=32, vocab_size=tokenizer.vocab_size, width=64, layers=2, heads=2)
     cfg = TrainConfig(model=ModelConfig(embed_dim=32, vision=vision, text=text))
     torch.manual_seed(0)
-    model, loss_fn = CLIP(cfg.model, eos_id=tokenizer.eos_id), ClipLoss()
+    model, loss_fn = CLIP(cfg.model, eos_id=tokenizer.eos_id), ContrastiveLoss()
     transform = image_transform(32)
     images = torch.stack([transform(to_rgb(decode(s))) for s in samples])  # (N, 3, 32, 32)
     tokens = tokenizer([s.caption for s in samples])  # (N, 32)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.config import Arch, ModelConfig, TextConfig, VisionConfig
-from pretrain.losses import ClipLoss
+from pretrain.losses import ContrastiveLoss
 from pretrain.models import build_model
 from pretrain.models.align import ALIGN
 from pretrain.models.text import TextTransformer
@@ -42,7 +42,7 @@ def test_build_model_picks_align() -> None:
 
 def test_every_parameter_gets_a_gradient_with_label_smoothing() -> None:
     torch.manual_seed(0)
-    task = ContrastiveTask(ALIGN(align_config(), eos_id=EOS), ClipLoss(label_smoothing=0.1))
+    task = ContrastiveTask(ALIGN(align_config(), eos_id=EOS), ContrastiveLoss(label_smoothing=0.1))
     out = task(torch.randn(6, 3, 32, 32), captions(6))
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -110,8 +110,8 @@ def test_label_smoothed_loss_matches_hand_computed_cross_entropy() -> None:
     image_to_text = -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
     text_to_image = -(targets * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
     expected = (image_to_text + text_to_image) / 2
-    assert ClipLoss(label_smoothing=eps)(img, txt, scale).item() == pytest.approx(expected.item(), rel=1e-6)
-    assert ClipLoss()(img, txt, scale).item() < 0.9 * expected.item()  # smoothing is not a no-op
+    assert ContrastiveLoss(label_smoothing=eps)(img, txt, scale).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert ContrastiveLoss()(img, txt, scale).item() < 0.9 * expected.item()  # smoothing is not a no-op
 
 
 def test_positions_select_the_original_positional_embeddings() -> None:

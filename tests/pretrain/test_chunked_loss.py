@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.losses import ClipLoss
+from pretrain.losses import ContrastiveLoss
 from pretrain.losses.chunked import tiled_cross_entropy
 
 
@@ -72,8 +72,8 @@ def test_clip_loss_chunked_equals_naive(local_loss: bool, eps: float) -> None:
     img = F.normalize(torch.randn(12, 24, generator=g), dim=-1)
     txt = F.normalize(img + 0.5 * torch.randn(12, 24, generator=g), dim=-1)  # matched pairs
     scale = torch.tensor(10.0)
-    naive, naive_grads = grads(ClipLoss(local_loss, eps, "naive"), img, txt, scale)
-    chunked, chunked_grads = grads(ClipLoss(local_loss, eps, "chunked", tile=5), img, txt, scale)
+    naive, naive_grads = grads(ContrastiveLoss(local_loss, eps, "naive"), img, txt, scale)
+    chunked, chunked_grads = grads(ContrastiveLoss(local_loss, eps, "chunked", tile=5), img, txt, scale)
     torch.testing.assert_close(chunked, naive, rtol=1e-5, atol=1e-6)
     for a, b in zip(chunked_grads, naive_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

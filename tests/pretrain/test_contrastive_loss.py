@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig, TextConfig, VisionConfig
-from pretrain.losses import ClipLoss
+from pretrain.losses import ContrastiveLoss
 from pretrain.models import CLIP
 from pretrain.task import ContrastiveTask
 
@@ -21,7 +21,7 @@ TINY = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8
 
 
 def reference_clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: float) -> torch.Tensor:
-    """Row-by-row symmetric InfoNCE, written out independently of ClipLoss."""
+    """Row-by-row symmetric InfoNCE, written out independently of ContrastiveLoss."""
     n = img.shape[0]
     total = torch.zeros(())
     for i in range(n):
@@ -36,7 +36,7 @@ def test_single_process_loss_matches_reference(local_loss: bool) -> None:
     torch.manual_seed(0)
     img = F.normalize(torch.randn(8, 16), dim=-1)
     txt = F.normalize(torch.randn(8, 16), dim=-1)
-    got = ClipLoss(local_loss)(img, txt, torch.tensor(14.3))
+    got = ContrastiveLoss(local_loss)(img, txt, torch.tensor(14.3))
     assert got.item() == pytest.approx(reference_clip_loss(img, txt, 14.3).item(), rel=1e-5)
 
 
@@ -59,7 +59,7 @@ def _rank_main(rank: int, world: int, port: int, local_loss: bool, out: str, imp
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(0)
-    task = ContrastiveTask(CLIP(TINY, eos_id=3), ClipLoss(local_loss, impl=impl, tile=3))
+    task = ContrastiveTask(CLIP(TINY, eos_id=3), ContrastiveLoss(local_loss, impl=impl, tile=3))
     images, tokens = batch(8)
     rows = slice(rank * 4, (rank + 1) * 4)  # this rank's half of the global batch
     loss, grads = loss_and_grads(task, images[rows], tokens[rows])
@@ -87,7 +87,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_whole_batch(tmp_path: Path, loc
     distributed = torch.load(out)
 
     torch.manual_seed(0)
-    task = ContrastiveTask(CLIP(TINY, eos_id=3), ClipLoss(local_loss))
+    task = ContrastiveTask(CLIP(TINY, eos_id=3), ContrastiveLoss(local_loss))
     loss, grads = loss_and_grads(task, *batch(8))
 
     assert distributed["loss"].item() == pytest.approx(loss.item(), rel=1e-5)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pretrain.config import Arch, FlipConfig, ModelConfig, TextConfig, VisionConfig
-from pretrain.losses import ClipLoss
+from pretrain.losses import ContrastiveLoss
 from pretrain.models import CLIP, build_model
 from pretrain.models.base import transformer_flops
 from pretrain.models.flip import FLIP, keep_count, random_keep, random_text_keep
@@ -144,7 +144,7 @@ def test_training_masks_randomly_until_masking_is_switched_off() -> None:
 
 def test_every_parameter_gets_a_gradient_through_the_masked_forward() -> None:
     torch.manual_seed(0)
-    task = ContrastiveTask(build_model(flip_config(mask_ratio=0.75, text_mask_ratio=0.5), eos_id=EOS), ClipLoss())
+    task = ContrastiveTask(build_model(flip_config(mask_ratio=0.75, text_mask_ratio=0.5), eos_id=EOS), ContrastiveLoss())
     assert isinstance(task.model, FLIP)
     task.train()
     out = task(torch.randn(6, 3, 32, 32), captions(6))

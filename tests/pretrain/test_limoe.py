@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pretrain.config import Arch, ModelConfig, MoeConfig, TextConfig, VisionConfig
-from pretrain.losses import ClipLoss, MoeAuxLoss
+from pretrain.losses import ContrastiveLoss, MoeAuxLoss
 from pretrain.losses.moe_aux import global_entropy, importance_loss, load_balancing_loss, local_entropy_loss
 from pretrain.models import build_model
 from pretrain.models.limoe import LiMoE, is_moe_layer
@@ -48,7 +48,7 @@ def test_every_parameter_gets_a_gradient_through_both_losses() -> None:
     torch.manual_seed(0)
     cfg = config(importance_weight=0.01, load_weight=0.01, local_entropy_weight=0.01, global_entropy_weight=0.01,
                  tau=math.log(4))  # tau at its maximum: the hinge is active, so its gradient flows too
-    task = ContrastiveTask(build_model(cfg, eos_id=3), ClipLoss(), MoeAuxLoss(cfg.moe))
+    task = ContrastiveTask(build_model(cfg, eos_id=3), ContrastiveLoss(), MoeAuxLoss(cfg.moe))
     out = task(*batch(8))
     assert out["metrics"]["moe/aux/global_entropy"] > 0
     out["loss"].backward()

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from pretrain.config import ModelConfig
-from pretrain.losses import ClipLoss
+from pretrain.losses import ContrastiveLoss
 from pretrain.models import CLIP, param_groups
 from pretrain.task import ContrastiveTask
 
@@ -33,7 +33,7 @@ def tokens_with_eos(batch: int, length: int, vocab: int, eos: int = 3) -> torch.
 def test_every_parameter_gets_a_gradient() -> None:
     torch.manual_seed(0)
     cfg = preset("tiny_test", vocab_size=100)
-    task = ContrastiveTask(CLIP(cfg, eos_id=3), ClipLoss())
+    task = ContrastiveTask(CLIP(cfg, eos_id=3), ContrastiveLoss())
     images = torch.randn(6, 3, 32, 32)  # (B, 3, H, W)
     out = task(images, tokens_with_eos(6, cfg.text.context_length, 100))
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pretrain.config import Arch, ModelConfig, MoeConfig, TextConfig, VisionConfig
-from pretrain.losses import ClipLoss, MoeAuxLoss
+from pretrain.losses import ContrastiveLoss, MoeAuxLoss
 from pretrain.models.limoe import LiMoE
 from pretrain.models.moe import MoeMlp
 from pretrain.task import ContrastiveTask
@@ -102,7 +102,7 @@ def _model_rank(rank: int, world: int, port: int, ep_size: int, out: str) -> Non
     from pretrain.engine import enable_expert_parallel
 
     torch.manual_seed(0)
-    task = ContrastiveTask(LiMoE(TINY_LIMOE, eos_id=3), ClipLoss(), MoeAuxLoss(TINY_LIMOE.moe))
+    task = ContrastiveTask(LiMoE(TINY_LIMOE, eos_id=3), ContrastiveLoss(), MoeAuxLoss(TINY_LIMOE.moe))
     enable_expert_parallel(task, ep_size)
     g = torch.Generator().manual_seed(1 + rank)
     images = torch.randn(4, 3, 16, 16, generator=g)  # (B, 3, H, W) this rank's half
