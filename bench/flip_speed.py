@@ -6,7 +6,7 @@
 What one timed step is: forward + backward + AdamW step of FLIP's image side only, the timm ViT
 (``model.visual``) + ``visual_proj`` + ``logit_scale``, exactly as ``FLIP.forward`` runs it while
 training: ``random_keep`` picks the kept patches, ``encode_kept_patches`` encodes class token +
-kept patches (mask 0: ``encode_image``, every patch), then ``ClipLoss`` against fixed caption
+kept patches (mask 0: ``encode_image``, every patch), then ``ContrastiveLoss`` against fixed caption
 embeddings, one per Fashion-MNIST class (the text tower is left out: masking does not change its
 cost unless text masking is on, and including it would only dilute the ratio by a constant).
 
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from data_prep.sources.fashion_mnist import load_split
 from pretrain.config import Arch, FlipConfig, ModelConfig, TextConfig, VisionConfig
-from pretrain.losses import ClipLoss
+from pretrain.losses import ContrastiveLoss
 from pretrain.models.flip import FLIP, keep_count, random_keep
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -88,7 +88,7 @@ class Run:
         self.keep = keep_count(model.num_patches, ratio)
         params = [*model.visual.parameters(), *model.visual_proj.parameters(), model.logit_scale]
         self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
-        self.loss_fn = ClipLoss()
+        self.loss_fn = ContrastiveLoss()
         self.times: list[float] = []
 
     def step(self, x: torch.Tensor, text: torch.Tensor) -> float:

@@ -59,6 +59,12 @@ class LossMode(str, Enum):
     ring = "ring"  # feature blocks travel rank to rank, overlapped with the tiles (local loss only)
 
 
+class RouterImpl(str, Enum):
+    torch = "torch"  # the PyTorch reference (pretrain/models/moe.py)
+    triton = "triton"  # one Triton kernel: softmax, top-k, BPR positions, partial sums (pretrain/kernels/router.py)
+    auto = "auto"  # triton on CUDA, torch otherwise
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online when WANDB_API_KEY is set, else offline
     offline = "offline"
@@ -123,6 +129,7 @@ class MoeConfig:
     capacity_factor: float = 1.0  # slots per expert = ceil(capacity_factor * top_k * tokens / experts)
     every: int = 2  # every N-th layer's MLP is an MoE (the last of each group of N); 1: all
     router_noise_std: float = 0.0
+    router_impl: RouterImpl = RouterImpl.auto
     # Expert parallelism: experts are split over groups of ep_size ranks and tokens travel to them
     # by all-to-all; must divide num_experts and the world size.
     ep_size: int = 1

@@ -28,7 +28,7 @@ class ContrastiveTask(nn.Module):
             aux_loss, metrics = self.aux(out["routing"])
             loss = loss + aux_loss.to(loss.dtype)
         if self.loss.logit_bias is not None:  # SigLIP's learned bias, logged beside the temperature
-            metrics["train/logit_bias"] = self.loss.logit_bias.detach()
+            metrics["train/logit_bias"] = self.loss.logit_bias.detach().squeeze(0)
         return {"loss": loss, "contrastive": contrastive.detach(), "logit_scale": out["logit_scale"].detach(), "metrics": metrics}
 
 

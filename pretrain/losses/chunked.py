@@ -27,6 +27,45 @@ def _tiles(m: int, tile: int) -> range:
     return range(0, m, tile)
 
 
+# Per-tile maths, shared with the ring loss (ring.py), which visits the columns block by block.
+
+
+def online_lse_step(run_max: torch.Tensor, run_sum: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a tile of logits z (n, t) into each row's running (max, sum of exp(z - max)), both (n,).
+
+    Start from (-inf, 0); the row's log-sum-exp is then ``run_max + log(run_sum)``.
+    """
+    new_max = torch.maximum(run_max, z.max(dim=1).values)  # (n,)
+    run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
+    return new_max, run_sum
+
+
+def add_ce_logit_grad(g: torch.Tensor, z: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, start: int,
+                      coef: float, eps: float, num_classes: int) -> None:
+    """g += coef * (softmax - smoothed one-hot target) on one tile, in place.
+
+    z, g (n, t): the logits of n samples for classes [start, start + t) out of ``num_classes``;
+    lse (n,) each sample's log-sum-exp over all its classes; labels (n,) global class ids. The
+    smoothed target is 1 - eps + eps/K on the label and eps/K elsewhere. ``g`` may be a view (the
+    column direction passes transposes).
+    """
+    width = z.shape[1]
+    g += coef * (torch.exp(z - lse[:, None]) - eps / num_classes)
+    hit = (labels >= start) & (labels < start + width)  # samples whose label is in this tile
+    g[torch.arange(z.shape[0], device=z.device)[hit], labels[hit] - start] -= coef * (1 - eps)
+
+
+def add_tile_grads(g: torch.Tensor, dots: torch.Tensor, rows: torch.Tensor, cols_tile: torch.Tensor, scale: torch.Tensor,
+                   grad_rows: torch.Tensor, grad_cols_tile: torch.Tensor) -> torch.Tensor:
+    """Chain dL/dz (n, t) through z = scale * dots (+ bias), dots = rows @ cols_tile^T.
+
+    Adds into grad_rows (n, D) and grad_cols_tile (t, D) in place; returns this tile's dL/dscale.
+    """
+    grad_rows += scale * g @ cols_tile  # (n, D)
+    grad_cols_tile += scale * g.T @ rows  # (t, D)
+    return (g * dots).sum()
+
+
 class _TiledCrossEntropy(torch.autograd.Function):
     """loss = w_row * row-direction CE + w_col * column-direction CE (see :func:`tiled_cross_entropy`)."""
 
@@ -38,10 +77,8 @@ class _TiledCrossEntropy(torch.autograd.Function):
         row_sum = rows.new_zeros(n)  # (n,) running sum of exp(z - row_max)
         col_lse = rows.new_empty(m) if w_col else None  # (m,)
         for j in _tiles(m, tile):
-            z = scale * rows @ cols[j : j + tile].T  # (n, t)
-            new_max = torch.maximum(row_max, z.max(dim=1).values)  # (n,)
-            row_sum = row_sum * torch.exp(row_max - new_max) + torch.exp(z - new_max[:, None]).sum(dim=1)
-            row_max = new_max
+            z = scale * (rows @ cols[j : j + tile].T)  # (n, t) rounded as the backward recomputes it
+            row_max, row_sum = online_lse_step(row_max, row_sum, z)
             if col_lse is not None:
                 col_lse[j : j + tile] = torch.logsumexp(z, dim=0)  # every row is in the tile
         row_lse = row_max + torch.log(row_sum)  # (n,)
@@ -68,23 +105,17 @@ class _TiledCrossEntropy(torch.autograd.Function):
         grad_rows = torch.zeros_like(rows)  # (n, D)
         grad_cols = torch.zeros_like(cols)  # (m, D)
         grad_scale = rows.new_zeros(())
-        row_ids = torch.arange(n, device=rows.device)
         for j in _tiles(m, tile):
             width = min(tile, m - j)
-            z = scale * rows @ cols[j : j + width].T  # (n, t) recomputed
+            dots = rows @ cols[j : j + width].T  # (n, t) recomputed
+            z = scale * dots  # (n, t)
             g = rows.new_zeros(n, width)  # (n, t) dL/dz on this tile
-            if w_row:
-                # (softmax over the row - smoothed one-hot target) / n
-                g += (w_row / n) * (torch.exp(z - row_lse[:, None]) - eps / m)
-                hit = (row_labels >= j) & (row_labels < j + width)  # rows whose positive is here
-                g[row_ids[hit], row_labels[hit] - j] -= (w_row / n) * (1 - eps)
-            if w_col:
-                g += (w_col / m) * (torch.exp(z - col_lse[None, j : j + width]) - eps / n)
-                g[col_labels[j : j + width], torch.arange(width, device=rows.device)] -= (w_col / m) * (1 - eps)
+            if w_row:  # each row is a sample over the m columns
+                add_ce_logit_grad(g, z, row_lse, row_labels, j, w_row / n, eps, m)
+            if w_col:  # each column is a sample over the n rows, all of them in this tile
+                add_ce_logit_grad(g.T, z.T, col_lse[j : j + width], col_labels[j : j + width], 0, w_col / m, eps, n)
             g *= grad_out
-            grad_rows += scale * g @ cols[j : j + width]  # (n, D)
-            grad_cols[j : j + width] = scale * g.T @ rows  # (t, D)
-            grad_scale += (g * z).sum() / scale
+            grad_scale += add_tile_grads(g, dots, rows, cols[j : j + width], scale, grad_rows, grad_cols[j : j + width])
         return grad_rows, grad_cols, grad_scale, None, None, None, None, None, None
 
 

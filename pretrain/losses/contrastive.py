@@ -84,7 +84,9 @@ class ContrastiveLoss(nn.Module):
         self.impl, self.tile, self.kind, self.mode = impl, tile, kind, mode
         # SigLIP's bias starts at -10 so that the many negatives do not swamp the first steps
         # (with scale 10, every logit starts near -10 and the loss near its optimum for negatives).
-        self.logit_bias = nn.Parameter(torch.tensor(float(init_bias))) if kind == "sigmoid" else None
+        # (1,), not (): DeepSpeed's parameter broadcast views every parameter as bytes, which a
+        # 0-dim tensor cannot do (logit_scale is (1,) for the same reason).
+        self.logit_bias = nn.Parameter(torch.full((1,), float(init_bias))) if kind == "sigmoid" else None
 
     def resolved_impl(self, x: torch.Tensor) -> str:
         """``auto`` -> triton on CUDA tensors, chunked elsewhere; otherwise ``impl`` as given."""
@@ -103,14 +105,16 @@ class ContrastiveLoss(nn.Module):
         labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]  # (B,) positives in the gathered batch
         if self.kind == "sigmoid":
             loss_fn = sigmoid_fn(impl)
-            bias = self.logit_bias.float()
+            bias = self.logit_bias.float().squeeze(0)  # ()
             if self.local_loss:  # this rank's images against every text: each pair counted once
                 return loss_fn(img, gather_with_grad(txt), scale, bias, labels, tile)
             all_labels = torch.arange(world * img.shape[0], device=img.device)
             return loss_fn(gather_with_grad(img), gather_with_grad(txt), scale, bias, all_labels, tile)
         eps, ce = self.label_smoothing, cross_entropy_fn(impl)
         all_img, all_txt = gather_with_grad(img), gather_with_grad(txt)  # (W*B, D) each
-        if self.local_loss:  # two (B, W*B) matrices: this rank's images vs all texts, and back
+        # On one rank the two local matrices are one matrix and its transpose: the full path
+        # below computes it once instead of twice.
+        if self.local_loss and world > 1:  # two (B, W*B) matrices: this rank's images vs all texts, and back
             i2t = ce(img, all_txt, scale, labels, label_smoothing=eps, tile=tile)
             t2i = ce(txt, all_img, scale, labels, label_smoothing=eps, tile=tile)
             return (i2t + t2i) / 2
@@ -124,6 +128,6 @@ class ContrastiveLoss(nn.Module):
         from pretrain.losses.ring import ring_cross_entropy, ring_sigmoid_loss
 
         if self.kind == "sigmoid":
-            return ring_sigmoid_loss(img, txt, scale, self.logit_bias.float(), self.tile)
+            return ring_sigmoid_loss(img, txt, scale, self.logit_bias.float().squeeze(0), self.tile)
         eps = self.label_smoothing
         return (ring_cross_entropy(img, txt, scale, eps, self.tile) + ring_cross_entropy(txt, img, scale, eps, self.tile)) / 2

@@ -2,6 +2,10 @@
 
 Each function takes the router probabilities ``probs`` (T, E) of one MoE layer and, for LIMoE's
 entropy losses, of one modality: call them once on the image tokens and once on the text tokens.
+Every loss only needs per-expert and per-token sums, which the router already returns
+(:class:`~pretrain.models.moe.RoutingStats`: probability mass per expert, summed token entropy,
+assignment counts); the ``*_from_sums`` forms take those, and :class:`MoeAuxLoss` uses them, so
+the loss never rereads the (T, E) probabilities. The ``probs`` forms compute the sums and call them.
 
 Load loss: V-MoE's load loss estimates, through the router noise, the probability that each token
 would still pick each expert; it needs the noise std and the k-th largest logit and is only
@@ -35,13 +39,25 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1)
 
 
+def importance_from_sums(mass: torch.Tensor) -> torch.Tensor:
+    """Importance loss from the summed probability per expert, mass (E,) -> ()."""
+    mass = mass.float()
+    return (mass.std(unbiased=False) / mass.mean()) ** 2
+
+
 def importance_loss(probs: torch.Tensor) -> torch.Tensor:
     """V-MoE importance loss: squared coefficient of variation of per-expert summed probability.
 
     probs (T, E) -> (). Population std (ddof 0), as in V-MoE; 0 when every expert gets equal mass.
     """
-    importance = probs.float().sum(dim=0)  # (E,)
-    return (importance.std(unbiased=False) / importance.mean()) ** 2
+    return importance_from_sums(probs.float().sum(dim=0))
+
+
+def load_balancing_from_sums(mass: torch.Tensor, counts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Load loss from mass (E,) summed probabilities, counts (E,) top-k assignments, T -> ()."""
+    f = counts.float() / counts.sum()  # (E,) no gradient: routing is discrete; sum = T * k
+    p_mean = mass.float() / num_tokens  # (E,)
+    return mass.shape[-1] * (f * p_mean).sum()
 
 
 def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torch.Tensor:
@@ -50,11 +66,8 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torc
     probs (T, E), expert_index (T, k) chosen experts -> (). f_e counts every top-k assignment, so
     it sums to 1 for any k; capacity drops are ignored because they are the symptom to prevent.
     """
-    num_experts = probs.shape[-1]
-    counts = torch.bincount(expert_index.reshape(-1), minlength=num_experts)  # (E,)
-    f = counts.float() / expert_index.numel()  # (E,) no gradient: routing is discrete
-    p_mean = probs.float().mean(dim=0)  # (E,)
-    return num_experts * (f * p_mean).sum()
+    counts = torch.bincount(expert_index.reshape(-1), minlength=probs.shape[-1])  # (E,)
+    return load_balancing_from_sums(probs.float().sum(dim=0), counts, probs.shape[0])
 
 
 def local_entropy_loss(probs: torch.Tensor) -> torch.Tensor:
@@ -65,16 +78,21 @@ def local_entropy_loss(probs: torch.Tensor) -> torch.Tensor:
     return _entropy(probs.float()).mean()
 
 
+def global_entropy_from_sums(mass: torch.Tensor, num_tokens: int, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+    """Global entropy from one modality's summed probabilities mass (E,) over its T tokens -> ()."""
+    stats = torch.cat([mass.float(), mass.new_full((1,), num_tokens, dtype=torch.float32)])  # (E+1,)
+    if reduce_fn is not None:
+        stats = reduce_fn(stats)  # (E+1,)
+    mean_probs = stats[:-1] / stats[-1]  # (E,)
+    return _entropy(mean_probs)
+
+
 def global_entropy(probs: torch.Tensor, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
     """Entropy of the mean routing distribution of one modality, (T, E) -> () in nats.
 
     With ``reduce_fn`` the mean is over the tokens of every rank (see the module docstring).
     """
-    stats = torch.cat([probs.float().sum(dim=0), probs.new_full((1,), probs.shape[0], dtype=torch.float32)])  # (E+1,)
-    if reduce_fn is not None:
-        stats = reduce_fn(stats)  # (E+1,)
-    mean_probs = stats[:-1] / stats[-1]  # (E,)
-    return _entropy(mean_probs)
+    return global_entropy_from_sums(probs.float().sum(dim=0), probs.shape[0], reduce_fn)
 
 
 def global_entropy_loss(probs: torch.Tensor, tau: float, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
@@ -110,10 +128,11 @@ class MoeAuxLoss(torch.nn.Module):
         metrics: dict[str, torch.Tensor] = {}
         for modality, layers in routing.items():
             for i, stats in enumerate(layers):
-                local = local_entropy_loss(stats.probs)
-                glob = global_entropy(stats.probs, self.reduce_fn)
-                terms["importance"].append(importance_loss(stats.probs))
-                terms["load"].append(load_balancing_loss(stats.probs, stats.expert_index))
+                # From the router's sums (the same values as the probs forms of the losses).
+                local = stats.entropy_sum / stats.num_tokens
+                glob = global_entropy_from_sums(stats.mass, stats.num_tokens, self.reduce_fn)
+                terms["importance"].append(importance_from_sums(stats.mass))
+                terms["load"].append(load_balancing_from_sums(stats.mass, stats.counts, stats.num_tokens))
                 terms["local_entropy"].append(local)
                 terms["global_entropy"].append(torch.clamp(c.tau - glob, min=0.0))
                 prefix = f"moe/layer{i}/{modality}"

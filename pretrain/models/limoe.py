@@ -38,7 +38,8 @@ class SharedBlock(nn.Module):
         self.attn = Attention(width, heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(width)
         self.mlp: nn.Module = (
-            MoeMlp(width, hidden, moe.num_experts, moe.top_k, moe.capacity_factor, moe.router_noise_std)
+            MoeMlp(width, hidden, moe.num_experts, moe.top_k, moe.capacity_factor, moe.router_noise_std,
+                   router_impl=moe.router_impl.value)
             if moe is not None else Mlp(width, hidden)
         )
 

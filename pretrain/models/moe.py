@@ -15,6 +15,9 @@ Routing, for T tokens and E experts:
    that happen to come first in the batch;
 4. an assignment past its expert's capacity is dropped; a token with no kept assignment gets a
    zero output and is carried by the block's residual connection.
+
+Steps 1-3 are :func:`pretrain.kernels.router.route` (PyTorch, or one Triton kernel on CUDA), which
+also returns the sums the auxiliary losses need; router noise is added before it, in PyTorch.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from typing import Any, Optional, Protocol
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pretrain.kernels.router import IMPLS, Routing
+from pretrain.kernels.router import route as route_logits
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -42,6 +48,15 @@ class RoutingStats:
     load: torch.Tensor  # (E,) fraction of the T*k assignments routed to each expert (pre-capacity)
     dropped_frac: torch.Tensor  # () fraction of tokens with no kept assignment (zero MLP output)
     capacity: int  # slots per expert in this call: C, capped at T
+    # Sums over the call's T tokens from the router, so the aux losses need not reread probs:
+    mass: torch.Tensor  # (E,) fp32 sum of probs over tokens, differentiable
+    entropy_sum: torch.Tensor  # () fp32 sum of per-token routing entropies (nats), differentiable
+    counts: torch.Tensor  # (E,) int64 top-k assignments per expert (pre-capacity)
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the tokens of this call."""
+        return self.probs.shape[0]
 
 
 class _RowLookup(torch.autograd.Function):
@@ -89,8 +104,11 @@ class MoeMlp(nn.Module):
         top_k: int = 1,
         capacity_factor: float = 1.0,
         router_noise_std: float = 0.0,
+        router_impl: str = "auto",
     ) -> None:
         super().__init__()
+        if router_impl not in IMPLS:
+            raise ValueError(f"router_impl={router_impl!r} must be one of {IMPLS}")
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
         if capacity_factor <= 0:
@@ -101,6 +119,8 @@ class MoeMlp(nn.Module):
         # V-MoE adds Gaussian noise (std 1/E there) to the router logits in training so that
         # near-tied tokens explore other experts; 0 turns it off.
         self.router_noise_std = router_noise_std
+        # "torch" | "triton" | "auto" (the Triton kernel on CUDA, PyTorch elsewhere).
+        self.router_impl = router_impl
         self.router = nn.Linear(dim, num_experts, bias=False)
         # Stacked so one batched matmul runs every expert over its (C, D) slot block.
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
@@ -149,32 +169,21 @@ class MoeMlp(nn.Module):
         h = h.reshape(local, P, C, D).transpose(0, 1).contiguous()  # (P, E/P, C, D) chunk j for rank j
         return self.exchange(h).reshape(E, C, D)  # chunk p: rank p's experts on our slots
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (T, D) -> probs (T, E), gates (T, k), expert_index (T, k), slot position (T, k)."""
+    def route(self, x: torch.Tensor) -> Routing:
+        """x (T, D) -> :class:`~pretrain.kernels.router.Routing` of the T tokens, one group."""
         # Softmax over experts in fp32: in bf16 close gates tie and the BPR order becomes noise.
         logits = self.router(x).float()  # (T, E)
         if self.training and self.router_noise_std > 0:
             logits = logits + torch.randn_like(logits) * self.router_noise_std
-        probs = logits.softmax(dim=-1)  # (T, E)
-        gates, expert_index = probs.topk(self.top_k, dim=-1)  # (T, k), (T, k)
-
-        # BPR: rank tokens by their top gate; stable so ties keep batch order deterministically.
-        order = torch.sort(gates[:, 0].detach(), descending=True, stable=True).indices  # (T,)
-        # Choice-major fill order: all 1st choices (by priority), then all 2nd choices, ...
-        fill = expert_index[order].T.reshape(-1)  # (k*T,)
-        one_hot = F.one_hot(fill, self.num_experts)  # (k*T, E)
-        # Slot of each assignment = how many earlier assignments went to the same expert.
-        pos_fill = ((one_hot.cumsum(dim=0) - 1) * one_hot).sum(dim=-1)  # (k*T,)
-        position = torch.empty_like(expert_index)  # (T, k)
-        position[order] = pos_fill.view(self.top_k, -1).T
-        return probs, gates, expert_index, position
+        return route_logits(logits, self.top_k, impl=self.router_impl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # (T, D)
         T, D = x.shape
         E, k = self.num_experts, self.top_k
-        probs, gates, expert_index, position = self.route(x)
+        r = self.route(x)
+        gates, expert_index, position = r.gates, r.expert_index, r.position  # (T, k) each
         capacity = expert_capacity(T, E, k, self.capacity_factor)
         # An expert can receive at most T assignments (top-k picks distinct experts), so slots
         # beyond T would only ever hold padding.
@@ -198,7 +207,8 @@ class MoeMlp(nn.Module):
         out = (routed.view(T, k, D) * gates.unsqueeze(-1).to(routed.dtype)).sum(dim=1)  # (T, D)
 
         with torch.no_grad():
-            load = torch.bincount(expert_index.reshape(-1), minlength=E).float() / (T * k)  # (E,)
+            load = r.assignments[0].float() / (T * k)  # (E,)
             dropped_frac = (~kept.any(dim=-1)).float().mean()  # ()
-        stats = RoutingStats(probs, expert_index, kept, load, dropped_frac, slots_per_expert)
+        stats = RoutingStats(r.probs, expert_index, kept, load, dropped_frac, slots_per_expert,
+                             mass=r.mass[0], entropy_sum=r.entropy[0], counts=r.assignments[0])
         return out.view(shape), stats

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from pretrain.config import ModelConfig, TextConfig, VisionConfig
 from pretrain.losses import ContrastiveLoss
 from pretrain.models import CLIP
 from pretrain.task import ContrastiveTask
+from tests.pretrain.dist_utils import free_port
 
 TINY = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
                    text=TextConfig(context_length=8, vocab_size=50, width=32, layers=1, heads=2))
@@ -70,12 +70,6 @@ def _rank_main(rank: int, world: int, port: int, local_loss: bool, out: str, imp
     if rank == 0:
         torch.save({"loss": loss, "grads": grads}, out)
     dist.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("local_loss", [True, False])

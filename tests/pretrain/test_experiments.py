@@ -117,11 +117,29 @@ def test_resume_is_exact(small_build, tmp_path: Path, experiment: str, extra: li
         torch.testing.assert_close(b[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_chunked_and_naive_losses_train_the_same(small_build, tmp_path: Path) -> None:
-    """20 steps of CLIP on 2 ranks: the tiled loss (tiles smaller than the global batch of 32)
-    gives the naive loss's value at every step."""
+def test_loss_implementations_and_ring_mode_train_the_same(small_build, tmp_path: Path) -> None:
+    """20 steps of CLIP on 2 ranks: the tiled loss (tiles smaller than the global batch of 32),
+    gathered or passed around the ring, gives the naive loss's value at every step."""
     common = ["size=tiny_test", "steps=20", "log_every=1", "eval.zeroshot=[]", "eval.retrieval=[]", "loss.tile=7"]
-    runs = {impl: run_experiment(tmp_path / impl, small_build.out_dir, "demo", *common, f"loss.impl={impl}")
-            for impl in ("naive", "chunked")}
+    variants = {"naive": ["loss.impl=naive"], "chunked": ["loss.impl=chunked"], "ring": ["loss.impl=chunked", "loss.mode=ring"]}
+    runs = {name: run_experiment(tmp_path / name, small_build.out_dir, "demo", *common, *extra) for name, extra in variants.items()}
     for step in range(1, 21):
-        assert runs["chunked"][step]["train/loss"] == pytest.approx(runs["naive"][step]["train/loss"], rel=1e-4), step
+        for name in ("chunked", "ring"):
+            assert runs[name][step]["train/loss"] == pytest.approx(runs["naive"][step]["train/loss"], rel=1e-4), (name, step)
+
+
+def test_siglip_trains_its_bias_with_the_ring(small_build, tmp_path: Path) -> None:
+    """experiment=siglip: the sigmoid loss, temperature from 10 and bias from -10, both learned;
+    the ring mode follows the gather mode step for step."""
+    common = ["size=tiny_test", "steps=6", "loss.tile=5"]
+    gather = run_experiment(tmp_path / "gather", small_build.out_dir, "siglip", *common)
+    check_trained_and_evaluated(tmp_path / "gather", gather, "clip")
+    assert gather[1]["train/logit_scale"] == pytest.approx(10.0, rel=0.02)
+    assert gather[1]["train/logit_bias"] == pytest.approx(-10.0, abs=0.05)
+    assert gather[6]["train/logit_bias"] != gather[1]["train/logit_bias"]  # the bias is a trained parameter
+    assert "kind: sigmoid" in (tmp_path / "gather" / "config.yaml").read_text()
+    ring = run_experiment(tmp_path / "ring", small_build.out_dir, "siglip", *common, "loss.mode=ring", "eval.zeroshot=[]",
+                          "eval.retrieval=[]")
+    for step in range(1, 7):
+        assert ring[step]["train/loss"] == pytest.approx(gather[step]["train/loss"], rel=1e-4), step
+        assert ring[step]["train/logit_bias"] == pytest.approx(gather[step]["train/logit_bias"], rel=1e-4), step
