@@ -1,7 +1,7 @@
 """Contrastive-loss memory: peak memory and time of forward + backward at global batch 4k, 16k, 64k,
 OpenCLIP's ``ClipLoss`` vs ours (naive and chunked), one run, same inputs.
 
-    ./run bench loss_memory [--batches 4096,16384,65536] [--dim 512] [--tile 512] [--repeats 5]
+    ./run bench loss_memory [--batches 4096,16384,65536] [--dim 512] [--tile 1024] [--repeats 5]
                             [--limit-gib 20] [--threads N] [--systems openclip,naive,chunked]
     (``./run bench NAME`` runs bench/NAME.py with the venv; ``.venv/bin/python bench/loss_memory.py``
     works too.)
@@ -11,13 +11,12 @@ so the global batch is the local batch):
 - OpenCLIP: ``open_clip.loss.ClipLoss()`` of PyPI ``open-clip-torch==3.3.0``, run by the python of its
   own venv (.bench/openclip-venv, created if missing); at world size 1 it builds both (B, B) logit
   matrices, image->text and text->image, and takes ``F.cross_entropy`` of each;
-- ours naive: ``pretrain.losses.ClipLoss(local_loss=True, impl="naive")``, the same two matrices;
-- ours chunked: ``ClipLoss(local_loss=True, impl="chunked", tile=--tile)``: columns visited in tiles,
-  online log-sum-exp forward, tiles recomputed in backward, so O(B x tile) memory, never (B, B).
-  Tile 512 by default: on the 2-core development machine it was the fastest of 256/512/1024/2048 at
-  4k (1.31x naive on 1 thread, 1.36x on 2; 2048: 1.55-1.6x, its (B, tile) blocks fall out of cache),
-  and at 16k it peaked at 260 MiB (128: 225 MiB but 1.3x slower; 256: 323 MiB, its 16 MiB blocks
-  come from malloc's heap, which fragments, rather than from fresh mmaps; 1024: 394 MiB).
+- ours naive: ``pretrain.losses.ContrastiveLoss(local_loss=True, impl="naive")``, the plain reference;
+- ours chunked: ``ContrastiveLoss(local_loss=True, impl="chunked", tile=--tile)``: the logits visited
+  in (tile x tile) blocks, online log-sum-exps of rows and columns in one forward pass, blocks
+  recomputed in backward, never (B, B). Tile 1024 by default, the config's default (``loss.tile``).
+  At world size 1 the local loss's two matrices are one matrix and its transpose, so both of ours
+  compute it once (OpenCLIP computes both).
 
 Inputs (synthetic on purpose: this measures shapes and maths, not a model): image features = rows of
 a seeded standard normal (B, D) made unit-norm, text features = unit-norm(image + same-size noise) so
@@ -46,11 +45,8 @@ Measured in the child:
   largest over the repetitions. That is exact (no sampling gap) and counts everything the loss
   allocates: logits or tiles, softmax buffers, and the (B, D) feature gradients it returns (2 x
   B x D x 4 bytes: 64 MiB at 16k, a floor for any loss). Where clear_refs is unavailable a thread
-  samples RSS every 2 ms instead. It is the process's real footprint, malloc included: blocks
-  under glibc's mmap threshold (dynamic, at most 32 MiB) come from its heap, which fragments. That
-  touches ours chunked at 4k only (8 MiB tiles): 170-210 MiB over repetitions, where its live tensors
-  peak at 64 MiB (what ``MALLOC_MMAP_THRESHOLD_=1048576`` measures, at a 15% time cost). Its 16k
-  (32 MiB tiles) and 64k figures, and OpenCLIP's (B, B) matrices, are mmapped: live bytes.
+  samples RSS every 2 ms instead. It is the process's real footprint, malloc included (ours
+  chunked's 4 MiB blocks come from malloc's heap, OpenCLIP's (B, B) matrices are mmapped).
 
 Correctness check: at the smallest batch (4k by default) the loss of ours chunked, ours naive and
 OpenCLIP must agree to 1e-4 relative, which shows all three compute the same loss.
@@ -59,13 +55,10 @@ Output: a table (system, batch, peak MiB, median seconds, or "does not fit in N 
 targets: at 16k, peak memory OpenCLIP / ours chunked >= 30x; at 64k, ours chunked peak < 2 GB
 (2e9 bytes) while OpenCLIP does not fit in 20 GiB; at 4k, time ours chunked / ours naive <= 1.3x.
 Last line: ``memory_ratio_vs_openclip_16k: X`` (OpenCLIP peak / ours chunked peak at 16k).
-Runtime: about 9 minutes on a quiet 2-core CPU, most of it ours chunked at 64k (~35 TFLOP: every tile
-is computed in forward and again in backward, in both directions) and the first 16 GiB logit matrix
-that OpenCLIP and ours naive fill at 64k before the second one fails to fit. Threads: torch's
-default (one per core) unless ``--threads``; on a shared 2-core machine two threads stall whenever a
-neighbour holds a core, which slows the many short tile operations of the chunked loss more than
-the naive loss's few large ones (measured 4k ratios up to 2x under load, 1.4x at rest); ``--threads 1``
-is steadier but doubles the run. Timings on a shared machine are noisy; memory is not.
+Runtime: about 10 minutes on a quiet 2-core CPU, most of it ours chunked at 64k (every block is
+computed in forward and again in backward) and the first 16 GiB logit matrix that OpenCLIP and
+ours naive fill at 64k before the second one fails to fit. Threads: torch's default (one per core)
+unless ``--threads``. Timings on a shared machine are noisy; memory is not.
 """
 from __future__ import annotations
 
@@ -313,7 +306,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="4096,16384,65536", help="global batch sizes, comma-separated")
     p.add_argument("--dim", type=int, default=512, help="embedding dimension D")
-    p.add_argument("--tile", type=int, default=512, help="ours chunked: columns per tile")
+    p.add_argument("--tile", type=int, default=1024, help="ours chunked: columns per tile")
     p.add_argument("--repeats", type=int, default=5, help="timed repetitions at the smallest batch (fewer above)")
     p.add_argument("--limit-gib", type=float, default=20.0, help="address-space cap of each measurement")
     p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of " + ",".join(SYSTEMS))

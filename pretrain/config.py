@@ -8,6 +8,7 @@ first in its defaults, so every YAML value and command-line override is type-che
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -324,9 +325,17 @@ class TrainConfig:
                f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
 
     def check_world(self, world_size: int) -> None:
-        """Rules that need the number of ranks (known at launch, before any rank starts)."""
+        """Rules that need the number of ranks or the machine (known at launch, before any rank starts)."""
         _check(world_size % self.model.moe.ep_size == 0,
                f"model.moe.ep_size={self.model.moe.ep_size} must divide the world size {world_size} (ranks)")
+        import torch  # here, not at the top: the config schema stays importable without torch's start-up cost
+
+        # Compiled Triton kernels need a GPU; TRITON_INTERPRET=1 runs them on CPU (slowly: tests only).
+        kernels_run = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+        _check(kernels_run or self.loss.impl != LossImpl.triton,
+               "loss.impl=triton needs a CUDA GPU (none visible); use loss.impl=auto (chunked on CPU) or chunked")
+        _check(kernels_run or self.model.moe.router_impl != RouterImpl.triton,
+               "model.moe.router_impl=triton needs a CUDA GPU (none visible); use auto or torch")
 
 
 def register_configs() -> None:

@@ -2,16 +2,16 @@
 
 For rows R (n, D), columns C (m, D) and a scale s, the logits are z = s * R C^T (n, m). The plain
 loss materialises z and its gradient: O(n x m) memory, which at a large global batch is what
-limits the batch (Inf-CL, Lin et al. 2024). Here the columns are visited in tiles of ``tile``:
+limits the batch (Inf-CL, Lin et al. 2024). Here z is visited in (tile x tile) blocks:
 
-- forward, in one pass over the tiles: each row's log-sum-exp is accumulated online (running max
-  and sum), and each tile's columns get their complete log-sum-exp over the n rows at once, so
-  both directions of the contrastive loss come out of the same pass; only the (n,) and (m,)
-  log-sum-exps are saved;
-- backward recomputes each tile's logits and turns them into dL/dz for that tile, which is used
-  at once for dR, dC and ds.
+- forward, in one pass over the blocks: each row's and each column's log-sum-exp is accumulated
+  online (running max and sum), so both directions of the contrastive loss come out of the same
+  pass; only the (n,) and (m,) log-sum-exps are saved;
+- backward recomputes each block's logits and turns them into dL/dz for that block, which is
+  used at once for dR, dC and ds.
 
-Memory is O(n x tile) instead of O(n x m); the result equals the plain loss up to float rounding.
+Memory is O(tile^2) besides the inputs and their gradients, instead of O(n x m); the result equals
+the plain loss up to float rounding.
 Label smoothing (ALIGN) is included: the smoothed target puts 1 - eps on the positive and eps/K
 on each of the K classes, so each term needs only the positive logit and the sum of a row's (or
 a column's) logits, which are dot products with a summed matrix, no tile needed.
@@ -73,15 +73,19 @@ class _TiledCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_labels: torch.Tensor,
                 col_labels: Optional[torch.Tensor], w_row: float, w_col: float, eps: float, tile: int) -> torch.Tensor:
         n, m = rows.shape[0], cols.shape[0]
-        row_max = rows.new_full((n,), -float("inf"))  # (n,) running max of each row's logits
-        row_sum = rows.new_zeros(n)  # (n,) running sum of exp(z - row_max)
-        col_lse = rows.new_empty(m) if w_col else None  # (m,)
-        for j in _tiles(m, tile):
-            z = scale * (rows @ cols[j : j + tile].T)  # (n, t) rounded as the backward recomputes it
-            row_max, row_sum = online_lse_step(row_max, row_sum, z)
-            if col_lse is not None:
-                col_lse[j : j + tile] = torch.logsumexp(z, dim=0)  # every row is in the tile
-        row_lse = row_max + torch.log(row_sum)  # (n,)
+        row_lse = rows.new_empty(n)  # (n,)
+        col_max = rows.new_full((m,), -float("inf"))  # (m,) running max of each column's logits
+        col_sum = rows.new_zeros(m)  # (m,) running sum of exp(z - col_max)
+        for i in _tiles(n, tile):
+            row_max = rows.new_full((min(tile, n - i),), -float("inf"))  # (r,) running max of each row's logits
+            row_sum = torch.zeros_like(row_max)  # (r,) running sum of exp(z - row_max)
+            for j in _tiles(m, tile):
+                z = scale * (rows[i : i + tile] @ cols[j : j + tile].T)  # (r, t) rounded as the backward recomputes it
+                row_max, row_sum = online_lse_step(row_max, row_sum, z)
+                if w_col:  # the same tile, read down its columns
+                    col_max[j : j + tile], col_sum[j : j + tile] = online_lse_step(col_max[j : j + tile], col_sum[j : j + tile], z.T)
+            row_lse[i : i + tile] = row_max + torch.log(row_sum)
+        col_lse = col_max + torch.log(col_sum) if w_col else None  # (m,)
 
         loss = rows.new_zeros(())
         if w_row:
@@ -105,28 +109,30 @@ class _TiledCrossEntropy(torch.autograd.Function):
         grad_rows = torch.zeros_like(rows)  # (n, D)
         grad_cols = torch.zeros_like(cols)  # (m, D)
         grad_scale = rows.new_zeros(())
-        for j in _tiles(m, tile):
-            width = min(tile, m - j)
-            dots = rows @ cols[j : j + width].T  # (n, t) recomputed
-            z = scale * dots  # (n, t)
-            g = rows.new_zeros(n, width)  # (n, t) dL/dz on this tile
-            if w_row:  # each row is a sample over the m columns
-                add_ce_logit_grad(g, z, row_lse, row_labels, j, w_row / n, eps, m)
-            if w_col:  # each column is a sample over the n rows, all of them in this tile
-                add_ce_logit_grad(g.T, z.T, col_lse[j : j + width], col_labels[j : j + width], 0, w_col / m, eps, n)
-            g *= grad_out
-            grad_scale += add_tile_grads(g, dots, rows, cols[j : j + width], scale, grad_rows, grad_cols[j : j + width])
+        for i in _tiles(n, tile):
+            r = slice(i, i + tile)
+            for j in _tiles(m, tile):
+                c = slice(j, j + tile)
+                dots = rows[r] @ cols[c].T  # (r, t) recomputed
+                z = scale * dots  # (r, t)
+                g = torch.zeros_like(z)  # (r, t) dL/dz on this tile
+                if w_row:  # each row is a sample over the m columns
+                    add_ce_logit_grad(g, z, row_lse[r], row_labels[r], j, w_row / n, eps, m)
+                if w_col:  # each column is a sample over the n rows
+                    add_ce_logit_grad(g.T, z.T, col_lse[c], col_labels[c], i, w_col / m, eps, n)
+                g *= grad_out
+                grad_scale += add_tile_grads(g, dots, rows[r], cols[c], scale, grad_rows[r], grad_cols[c])
         return grad_rows, grad_cols, grad_scale, None, None, None, None, None, None
 
 
 def tiled_cross_entropy(rows: torch.Tensor, cols: torch.Tensor, scale: torch.Tensor, row_labels: torch.Tensor,
                         col_labels: Optional[torch.Tensor] = None, w_row: float = 1.0, w_col: float = 0.0,
                         label_smoothing: float = 0.0, tile: int = 1024) -> torch.Tensor:
-    """w_row * CE(s R C^T, row_labels) + w_col * CE((s R C^T)^T, col_labels), tiled over columns.
+    """w_row * CE(s R C^T, row_labels) + w_col * CE((s R C^T)^T, col_labels), in (tile x tile) blocks.
 
     rows (n, D), cols (m, D), scale () -> loss (); fp32 inside whatever the input dtype. Each CE is
     the mean over its rows (columns) of a softmax cross-entropy with ``label_smoothing``, as
-    ``F.cross_entropy`` computes it; memory O(n x tile).
+    ``F.cross_entropy`` computes it; memory O(tile^2) besides the gradients.
     """
     if w_col and col_labels is None:
         raise ValueError("the column direction needs col_labels")

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.local import rank_env, resolve_nproc, torchrun_command
 
@@ -27,6 +28,9 @@ def launch(*args: str, cwd: Path, timeout: float = 420) -> subprocess.CompletedP
     ("model.moe.ep_size=3", ["model.moe.ep_size=3", "must divide model.moe.num_experts=8"]),
     ("model.moe.ep_size=4", ["model.moe.ep_size=4", "needs model=limoe"]),
     ("model=limoe model.moe.ep_size=4", ["model.moe.ep_size=4", "world size 2"]),
+    ("loss.mode=ring loss.local_loss=false", ["loss.mode=ring", "loss.local_loss=true"]),
+    ("loss.kind=sigmoid loss.label_smoothing=0.1", ["loss.label_smoothing", "loss.kind=softmax"]),
+    ("loss.impl=fused", ["loss.impl", "fused", "triton"]),
     ("data.root=/no/such/dataset", ["/no/such/dataset"]),
 ])
 def test_bad_config_fails_before_any_work_with_one_line(tmp_path: Path, override: str, expected: list[str]) -> None:
@@ -39,6 +43,15 @@ def test_bad_config_fails_before_any_work_with_one_line(tmp_path: Path, override
         assert fragment in lines[0]
     assert list(tmp_path.iterdir()) == [], "nothing may be written for a rejected config"
     assert time.monotonic() - t0 < 60, "no rank may start"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the Triton kernels can run")
+@pytest.mark.parametrize("override", ["loss.impl=triton", "model=limoe model.moe.router_impl=triton"])
+def test_triton_kernels_without_a_gpu_fail_before_any_work(tmp_path: Path, override: str) -> None:
+    proc = launch("train", *override.split(), cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr
+    assert "needs a CUDA GPU" in proc.stderr and override.split()[-1].split("=")[0] in proc.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_torchrun_command_and_rank_count() -> None:
