@@ -16,6 +16,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from launch.launcher_config import LauncherConfig
+
 
 class ConfigError(ValueError):
     """A config value breaks a rule; the message names the field and what is allowed."""
@@ -315,6 +317,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # How `python -m launch` starts the run (torchrun here or Slurm); the trainer ignores it.
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, f"steps={self.steps} must be >= 1")

@@ -3,6 +3,8 @@
 # Re-running is cheap: each step checks first and skips what is already done.
 
 APT_DATA_PACKAGES=(dataset-fashion-mnist tuxpaint-stamps-default)
+# The tests start a real single-node Slurm cluster from these (tests/launch/slurm_cluster.py).
+APT_SLURM_PACKAGES=(slurmctld slurmd slurm-client munge)
 VENV="${CLIPFORGE_VENV:-$PWD/.venv}"
 
 _as_root() {
@@ -39,4 +41,19 @@ setup_machine() {
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e '.[dev]'
   echo "$want" > "$stamp"
+}
+
+setup_slurm() {
+  # Tests only. The packages' postinst scripts would start system munge/slurm daemons: a
+  # policy-rc.d that refuses (exit 101) keeps them stopped; the tests run their own.
+  local missing=()
+  for p in "${APT_SLURM_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  [ "$(id -u)" = 0 ] || { echo "setup: not root, skipping Slurm (its tests will skip)" >&2; return 0; }
+  local policy=/usr/sbin/policy-rc.d created=0
+  if [ ! -e "$policy" ]; then printf '#!/bin/sh\nexit 101\n' > "$policy"; chmod +x "$policy"; created=1; fi
+  local rc=0
+  _apt_install "${APT_SLURM_PACKAGES[@]}" || rc=$?
+  if [ "$created" = 1 ]; then rm -f "$policy"; fi
+  return $rc
 }
