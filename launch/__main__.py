@@ -1,8 +1,9 @@
 """``python -m launch``: one command for this machine (torchrun) and for Slurm (sbatch), same config.
 
     python -m launch [train] [--dry-run] [--nproc-per-node N|auto] [hydra overrides...]
-        launcher=local (default): validate, then torchrun here; launcher=slurm: validate, check the
-        partition, write <run_dir>/slurm/job.sbatch and submit it (--dry-run: print it, write nothing)
+        launcher=local (default): validate, then torchrun here (launcher.nodes=N: N torchrun agents
+        here, to run multi-node code paths); launcher=slurm: validate, check the partition, write
+        <run_dir>/slurm/job.sbatch and submit it (--dry-run: print it, write nothing)
     python -m launch demo  [hydra overrides...]        # README's main job
     python -m launch status|cancel RUN_DIR             # a Slurm run's job(s)
     python -m launch logs [-f] RUN_DIR                 # the latest job's output
@@ -47,7 +48,7 @@ def train(args: argparse.Namespace) -> int:
     """Compose and validate the config, then run torchrun here or submit to Slurm."""
     from launch.config import compose_train_config
     from launch.launcher_config import LauncherKind
-    from launch.local import resolve_nproc, run_torchrun, torchrun_command
+    from launch.local import agent_commands, resolve_nproc, run_torchrun
     from pretrain.data.check import check_inputs
 
     overrides = list(args.overrides)
@@ -56,13 +57,14 @@ def train(args: argparse.Namespace) -> int:
     cfg = compose_train_config(overrides)
     lc = cfg.launcher
     if lc.kind == LauncherKind.local:
+        # launcher.nodes > 1: that many torchrun agents here, meeting through a c10d rendezvous.
         nproc = resolve_nproc(lc.procs_per_node)
-        cfg.check_world(nproc)  # fail here, in one line, before any rank starts
+        cfg.check_world(lc.nodes * nproc)  # fail here, in one line, before any rank starts
         check_inputs(cfg)
-        if args.dry_run:
-            print(shlex.join(torchrun_command(nproc, overrides)))
+        if args.dry_run:  # one line per agent
+            print("\n".join(shlex.join(c) for c in agent_commands(lc.nodes, nproc, overrides, rdzv_port=lc.rdzv_port)))
             return 0
-        return run_torchrun(nproc, overrides)
+        return run_torchrun(nproc, overrides, nodes=lc.nodes, rdzv_port=lc.rdzv_port)
 
     from launch import slurm
 
