@@ -36,6 +36,7 @@ def main(dict_cfg: DictConfig) -> None:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         sys.exit(2)
+    from pretrain.preemption import requeue_job, slurm_job_id
     from pretrain.trainer import Trainer  # after validation: a bad config fails before heavy imports
 
     trainer = Trainer(cfg)
@@ -45,6 +46,10 @@ def main(dict_cfg: DictConfig) -> None:
         finished = True
     finally:
         trainer.close(finished)
+    # Last, after every rank's checkpoint and shutdown: the requeue kills this job.
+    job_id = slurm_job_id()
+    if trainer.preempted and trainer.preemption.requeue and job_id and trainer.dist.is_main:
+        requeue_job(job_id)
 
 
 if __name__ == "__main__":

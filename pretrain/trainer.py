@@ -20,6 +20,7 @@ from pretrain.data import TrainLoader, Tokenizer, image_transform
 from pretrain.evaluate import Evaluator
 from pretrain.models import ContrastiveModel, build_model
 from pretrain.monitor import Monitor, NullMonitor, make_monitor
+from pretrain.preemption import Preemption
 from pretrain.schedule import masking_enabled
 from pretrain.task import build_task
 from pretrain.throughput import Throughput, device_peak_tflops
@@ -61,6 +62,10 @@ class Trainer:
         # workers decoding images on the same cores would halve it (MFU over 100% on CPU runs).
         dist.barrier()
         peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
+        # Before the loader's workers fork: they inherit the handler, so Slurm's SIGTERM to every
+        # process of the job leaves them alive for the checkpoint (the data position is in them).
+        self.preemption = Preemption(self.dist.device)
+        self.preemption.install()
         self.loader = TrainLoader(cfg.data, cfg.model.vision.image_size, self.tokenizer, self.dist.rank, self.dist.world_size)
         self.evaluator = Evaluator(cfg.eval, self.tokenizer, image_transform(cfg.model.vision.image_size))
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist.rank, self.dist.world_size)
@@ -68,6 +73,8 @@ class Trainer:
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
         self.masking = True  # what the model starts with (only FLIP has a switch)
         self.state = TrainState()
+        self.saved_step = -1  # the step of the last checkpoint this process wrote (no double saves)
+        self.preempted = False  # train() stopped early on a signal: see pretrain.preemption
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.monitor: Monitor = NullMonitor()
         self.config_dict = to_dict(cfg)  # resolved once (vocab_size filled in above); fixed from here on
@@ -106,6 +113,8 @@ class Trainer:
             if self.state.step % self.cfg.checkpoint.every == 0 and self.state.step < end:
                 self.save_checkpoint()
                 interval = Interval.start(self)
+            if self.preemption.stop_requested() and self.state.step < self.cfg.steps:
+                return self.stop_on_signal()
         if self.state.step < self.cfg.steps:  # stopped early (stop_at): a later run resumes
             self.save_checkpoint()
             log.info("stopped at step %d of %d (stop_at); resume with the same run_dir", self.state.step, self.cfg.steps)
@@ -182,6 +191,17 @@ class Trainer:
                  " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in sorted(metrics.items())))
         return metrics
 
+    def stop_on_signal(self) -> dict[str, Any]:
+        """A rank got a time-limit warning or a termination signal: checkpoint this step and stop
+        (the caller requeues the Slurm job when ``self.preemption.requeue``)."""
+        self.preempted = True
+        sig = self.preemption.received.name if self.preemption.received else "a signal on another rank"
+        log.warning("preemption: %s at step %d of %d; saving a checkpoint and stopping", sig, self.state.step, self.cfg.steps)
+        if self.saved_step != self.state.step:
+            self.save_checkpoint()
+        self.monitor.log({"train/preempted": 1.0}, step=self.state.step)
+        return {"steps": self.state.step, "preempted": True}
+
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
@@ -189,6 +209,7 @@ class Trainer:
         client_state = {"train_state": asdict(self.state), "config": self.config_dict}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, self.checkpoint_files)
+        self.saved_step = self.state.step
         log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
 
     def maybe_resume(self) -> None:

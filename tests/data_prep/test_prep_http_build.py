@@ -131,7 +131,8 @@ def test_global_stage_judges_only_what_survived_the_stages_before_it(tmp_path):
     counts = Counter(r["caption_key"] for r in rows)
     for r in rows:
         if counts[r["caption_key"]] > 4:
-            assert r["filter"] == "caption_frequency" and r["reason"].startswith(f"too_frequent: caption occurs {counts[r['caption_key']]} times")
+            expected = f"too_frequent: caption occurs {counts[r['caption_key']]} times"
+            assert r["filter"] == "caption_frequency" and r["reason"].startswith(expected)
         elif r["caption_words"] < 7:
             assert r["filter"] == "caption_length"
         else:

@@ -3,12 +3,13 @@ submit the demo training as 2 CPU ranks on 1 node, follow it with status/logs, w
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pretrain.checkpoint import complete_checkpoints
+from pretrain.checkpoint import complete_checkpoints, step_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,3 +46,84 @@ def test_slurm_submit_demo_training(slurm_cluster, small_build, tmp_path: Path) 
         assert time.monotonic() < deadline, out
         time.sleep(1)
     assert "nothing to cancel" in launch(slurm_cluster, "cancel", str(run_dir), cwd=tmp_path).stdout
+
+
+# ---- preemption: a requeued job resumes from its checkpoint (pretrain/preemption.py) ----
+
+PREEMPT_STEPS = 40
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
+
+
+def submit_training(cluster, small_build, tmp_path: Path) -> tuple[Path, int]:
+    """A 2-rank CPU training long enough to be interrupted; returns (run_dir, job id)."""
+    run_dir = tmp_path / "run"
+    proc = launch(cluster, "launcher=slurm", "experiment=demo", f"launcher.partition={cluster.partition}",
+                  "launcher.gpus_per_node=0", "launcher.procs_per_node=2", "launcher.time=00:15:00",
+                  f"data.root={small_build.out_dir}", f"run_dir={run_dir}", "size=tiny_test", f"steps={PREEMPT_STEPS}",
+                  "optim.warmup_steps=1", "data.batch_size=16", "log_every=1", "checkpoint.every=5", "checkpoint.keep=10",
+                  "eval.every=0", "eval.zeroshot.0.limit=200", "wandb.mode=offline", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, int(proc.stdout.strip())
+
+
+def wait_mid_training(cluster, run_dir: Path, job_id: int) -> int:
+    """Wait until the first periodic checkpoint exists (the job is mid-training); its step."""
+    deadline = time.monotonic() + 180
+    while not (found := complete_checkpoints(run_dir / "checkpoints")):
+        state = cluster.job(job_id)["JobState"]
+        assert state in {"PENDING", "RUNNING", "CONFIGURING"} and time.monotonic() < deadline, state + cluster.log_tails()
+        time.sleep(0.2)
+    return step_of(found[-1])
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Every step that logged a training loss, in file order (a step trained twice shows twice)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+def check_resumed(cluster, run_dir: Path, job_id: int) -> tuple[str, int]:
+    """The job finished after one restart, resumed from a checkpoint, wrote the full step count and
+    kept one W&B run. Returns (the job's log, the step it resumed from)."""
+    final = cluster.wait_job(job_id, FINISHED, timeout=300)
+    log = (run_dir / "slurm" / f"{job_id}.out").read_text(errors="replace")
+    assert final["JobState"] == "COMPLETED", log[-5000:] + cluster.log_tails()
+    assert int(final["Restarts"]) == 1 and f"job {job_id} (restart 1)" in log, log[-5000:]
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert resumed, log[-5000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == PREEMPT_STEPS
+    # W&B (offline): one run directory per attempt, both with the run id from the checkpoint.
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[-1] for r in runs}) == 1, runs
+    return log, int(resumed.group(1))
+
+
+def test_slurm_requeue_mid_training_resumes_from_checkpoint(slurm_cluster, small_build, tmp_path: Path) -> None:
+    """``scontrol requeue`` of a running job: Slurm SIGTERMs it (the ranks checkpoint if they can
+    within KillWait) and starts it again; it resumes from its newest checkpoint and finishes."""
+    run_dir, job_id = submit_training(slurm_cluster, small_build, tmp_path)
+    before = wait_mid_training(slurm_cluster, run_dir, job_id)
+    slurm_cluster.run(["scontrol", "requeue", str(job_id)])
+    log, resumed = check_resumed(slurm_cluster, run_dir, job_id)
+    assert resumed >= before
+    steps = logged_steps(run_dir)
+    # First attempt: 1..k, k >= the checkpoint (k == it when the ranks saved on Slurm's SIGTERM within
+    # KillWait); then the resumed attempt re-runs from the checkpoint to the end.
+    restart = next((i for i in range(1, len(steps)) if steps[i] <= steps[i - 1]), resumed)
+    first = steps[:restart]
+    assert first == list(range(1, len(first) + 1)) and len(first) >= resumed, steps
+    assert steps[len(first):] == list(range(resumed + 1, PREEMPT_STEPS + 1)), steps
+
+
+def test_slurm_time_limit_signal_checkpoints_and_requeues(slurm_cluster, small_build, tmp_path: Path) -> None:
+    """The time-limit warning as Slurm sends it (USR1 to the batch shell, like ``--signal=B:USR1``):
+    the script's trap passes it to srun, the ranks checkpoint at the step they are at, rank 0
+    requeues the job, and the restart resumes there: every step trained exactly once."""
+    run_dir, job_id = submit_training(slurm_cluster, small_build, tmp_path)
+    wait_mid_training(slurm_cluster, run_dir, job_id)
+    slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
+    log, resumed = check_resumed(slurm_cluster, run_dir, job_id)
+    assert "USR1: time limit near" in log and "preemption: SIGUSR1 at step" in log, log[-5000:]
+    assert f"requeued Slurm job {job_id}" in log, log[-5000:]
+    assert resumed % 5 != 0 or f"step_{resumed:08d}" in log  # the signal's step, saved on the signal
+    assert logged_steps(run_dir) == list(range(1, PREEMPT_STEPS + 1)), "no step lost or trained twice"
