@@ -62,8 +62,10 @@ class Trainer:
         # workers decoding images on the same cores would halve it (MFU over 100% on CPU runs).
         dist.barrier()
         peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
-        # Before the loader's workers fork: they inherit the handler, so Slurm's SIGTERM to every
-        # process of the job leaves them alive for the checkpoint (the data position is in them).
+        # Installed at start-up, so a signal that arrives while the model and data are still being
+        # set up is acted on at the first step boundary. (Loader workers still die on Slurm's
+        # SIGTERM to every process of the job: a SIGTERM stop resumes from the last periodic
+        # checkpoint; the USR1 warning checkpoints at the current step.)
         self.preemption = Preemption(self.dist.device)
         self.preemption.install()
         self.loader = TrainLoader(cfg.data, cfg.model.vision.image_size, self.tokenizer, self.dist.rank, self.dist.world_size)
