@@ -72,3 +72,13 @@ class WandbMonitor:
 
 def make_monitor(cfg: WandbConfig, run_dir: Path, config: dict[str, Any], run_id: Optional[str], is_main: bool) -> Monitor:
     return WandbMonitor(cfg, run_dir, config, run_id) if is_main else NullMonitor()
+
+
+def read_metrics(run_dir: Path) -> dict[int, dict[str, Any]]:
+    """``run_dir/metrics.jsonl`` as step -> every metric logged at that step (a step's train and
+    eval rows merged; a resumed run's appended rows overwrite the ones they repeat)."""
+    steps: dict[int, dict[str, Any]] = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        steps.setdefault(row.pop("step"), {}).update(row)
+    return steps

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pretrain.dist_utils import free_port
+from launch.local import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")

@@ -21,6 +21,7 @@ import torch
 
 from launch.local import agent_commands, rank_env, run_agents, run_torchrun
 from pretrain.export import export_checkpoint, load_exported
+from pretrain.monitor import read_metrics
 
 TIMEOUT = 300
 PROBE = "tests.launch.test_local_multinode"
@@ -33,14 +34,6 @@ def common(run_dir: Path, data: Path) -> list[str]:
     return ["experiment=demo", f"run_dir={run_dir}", f"data.root={data}", "size=tiny_test", "data.batch_size=16", "steps=6",
             "checkpoint.every=3", "eval.every=0", "eval.zeroshot.0.limit=200", "log_every=1", "optim.warmup_steps=1",
             "wandb.mode=offline", *TWO_AGENTS]
-
-
-def read_metrics(run_dir: Path) -> dict[int, dict]:
-    steps: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        steps.setdefault(row.pop("step"), {}).update(row)
-    return steps
 
 
 def run_probed(overrides: list[str], log: Path) -> list[dict]:

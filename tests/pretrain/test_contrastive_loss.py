@@ -14,7 +14,7 @@ from pretrain.config import ModelConfig, TextConfig, VisionConfig
 from pretrain.losses import ContrastiveLoss
 from pretrain.models import CLIP
 from pretrain.task import ContrastiveTask
-from tests.pretrain.dist_utils import free_port
+from launch.local import free_port
 
 TINY = ModelConfig(embed_dim=16, vision=VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2),
                    text=TextConfig(context_length=8, vocab_size=50, width=32, layers=1, heads=2))

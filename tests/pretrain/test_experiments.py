@@ -13,6 +13,7 @@ import torch
 
 from launch.local import rank_env, torchrun_command
 from pretrain.export import export_checkpoint, load_exported
+from pretrain.monitor import read_metrics
 
 TIMEOUT = 480
 
@@ -23,11 +24,7 @@ def run_experiment(run_dir: Path, data: Path, experiment: str, *extra: str) -> d
                  "wandb.mode=offline", *extra]
     proc = subprocess.run(torchrun_command(2, overrides), env=rank_env(2), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"{experiment} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    steps: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        steps.setdefault(row.pop("step"), {}).update(row)
-    return steps
+    return read_metrics(run_dir)
 
 
 def check_trained_and_evaluated(run_dir: Path, steps: dict[int, dict], arch: str) -> None:

@@ -16,7 +16,7 @@ from pretrain.losses import ContrastiveLoss, MoeAuxLoss
 from pretrain.models.limoe import LiMoE
 from pretrain.models.moe import MoeMlp
 from pretrain.task import ContrastiveTask
-from tests.pretrain.test_contrastive_loss import free_port
+from launch.local import free_port
 
 D, H, E, T = 16, 32, 4, 24  # width, expert hidden, experts, tokens per rank
 

@@ -22,7 +22,7 @@ from pretrain.losses.chunked import tiled_cross_entropy
 from pretrain.losses.ring import ring_cross_entropy, ring_sigmoid_loss
 from pretrain.losses.sigmoid import naive_sigmoid_loss
 from tests.pretrain.test_chunked_loss import grads
-from tests.pretrain.dist_utils import free_port
+from launch.local import free_port
 
 B, D = 5, 8  # rows per rank, feature width
 LOSSES = [("softmax", 0.0), ("softmax", 0.1), ("sigmoid", 0.0)]  # (kind, label smoothing)

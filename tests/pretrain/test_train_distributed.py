@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from launch.local import rank_env, torchrun_command
 from pretrain.export import export_checkpoint, load_exported
+from pretrain.monitor import read_metrics
 
 TIMEOUT = 420
 
@@ -30,15 +31,6 @@ def train(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.
     proc = subprocess.run(torchrun_command(nproc, overrides), env=rank_env(nproc), capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
-
-
-def metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> every metric logged at that step (metrics.jsonl, rank 0)."""
-    out: dict[int, dict] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out.setdefault(row.pop("step"), {}).update(row)
-    return out
 
 
 def wandb_records(path: str) -> list:
@@ -95,7 +87,7 @@ def test_resume_is_exact_and_wandb_continues_the_run(small_build, tmp_path) -> N
     resumed = train(split, data, *common)
     assert "resumed from" in resumed.stderr + resumed.stdout
 
-    a, b = metrics(straight), metrics(split)
+    a, b = read_metrics(straight), read_metrics(split)
     assert sorted(s for s in a if "train/loss" in a[s]) == list(range(1, 9))
     for step in range(1, 9):
         assert b[step]["train/loss"] == pytest.approx(a[step]["train/loss"], rel=1e-5, abs=1e-6), f"step {step}"
@@ -122,7 +114,7 @@ def test_zero3_bf16_with_accumulation_trains_exports_and_evaluates(small_build, 
     DeepSpeed and the standalone evaluator runs on it."""
     run = tmp_path / "run"
     train(run, small_build.out_dir, "steps=4", "deepspeed=zero3", "engine.precision=bf16", "engine.grad_accum=2")
-    m = metrics(run)
+    m = read_metrics(run)
     assert all(torch.isfinite(torch.tensor(m[s]["train/loss"])) for s in range(1, 5))
     export = export_checkpoint(run, tmp_path / "export")
     model = load_exported(export).model
