@@ -2,7 +2,6 @@
 shards, manifests and decisions are byte-identical to one uninterrupted run."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -10,23 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from data_prep.build import build_from_overrides
-
-# ~470 real inputs in units of 40: a dozen units, so kills land between and inside units.
-BASE = ["sources.fashion_mnist.limit=300", "sources.tuxpaint.limit=170", "samples_per_shard=100",
-        "tokenizer.vocab_size=500", "unit_size=40", "batch_size=16"]
-
-
-def fingerprint(out: Path) -> dict[str, object]:
-    """Everything the dataset's users read: shard bytes, manifests, decisions, tokenizer."""
-    files = sorted(p for p in out.glob("*/shard-*.tar")) + sorted(out.glob("*/manifest.json"))
-    digest = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    digest["decisions"] = pq.read_table(out / "decisions.parquet").to_pylist()
-    digest["tokenizer"] = hashlib.sha256((out / "tokenizer.model").read_bytes()).hexdigest()
-    return digest
+from tests.data_prep.fingerprint import BASE, fingerprint
 
 
 def start(out: Path, *extra: str) -> subprocess.Popen:
