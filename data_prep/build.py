@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from data_prep import PrepError
-from data_prep.atomic import atomic_write
+from data_prep.atomic import atomic_write, ensure_writable_dir
 from data_prep.config import PrepConfig, load_config, to_dict
 from data_prep.decisions import DECISIONS_NAME, FunnelRow
 from data_prep.manifest import Manifest
@@ -64,8 +64,16 @@ def worker_rank(cfg: PrepConfig) -> tuple[int, int]:
     return 0, 1
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on: a Slurm task or container is bound to some of the host's cores,
+    and one worker per host core would oversubscribe them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def processes(cfg: PrepConfig, jobs: int) -> int:
-    return max(1, min(jobs, cfg.workers.processes or os.cpu_count() or 1))
+    return max(1, min(jobs, cfg.workers.processes or usable_cpus()))
 
 
 # --- worker processes: each builds its Context once and reports progress through a shared counter.
@@ -196,6 +204,7 @@ def prepare(cfg: PrepConfig) -> tuple[Plan, int, int]:
     """Open the sources (fail fast) and read or make the plan; returns ``(plan, rank, world)``."""
     from data_prep.filters import make_filter
 
+    ensure_writable_dir(cfg.out_dir, "out_dir")
     rank, world = worker_rank(cfg)
     sources = open_sources(cfg)
     # Construct every stage here once (cheap: models load lazily) so that a bad option, e.g. a CLIP

@@ -5,7 +5,9 @@
         here, to run multi-node code paths); launcher=slurm: validate, check the partition, write
         <run_dir>/slurm/job.sbatch and submit it (--dry-run: print it, write nothing)
     python -m launch demo  [hydra overrides...]        # README's main job
-    python -m launch status|cancel RUN_DIR             # a Slurm run's job(s)
+    python -m launch prep  [--dry-run] [launcher=slurm launcher.nodes=N ...] [data_prep overrides...]
+        build a dataset: here (launcher.nodes local workers), or as a Slurm array of N tasks + a merge job
+    python -m launch status|cancel RUN_DIR             # a Slurm run's (or dataset's out_dir) job(s)
     python -m launch logs [-f] RUN_DIR                 # the latest job's output
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Optional
 
 from pretrain.config import ConfigError
 
-COMMANDS = ("train", "demo", "status", "cancel", "logs")
+COMMANDS = ("train", "demo", "prep", "status", "cancel", "logs")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -32,6 +34,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         if name == "train":
             s.add_argument("--dry-run", action="store_true", help="print the sbatch script / torchrun command; write nothing")
         s.add_argument("overrides", nargs="*", help="hydra overrides, e.g. launcher=slurm steps=100 engine.zero_stage=3")
+    s = sub.add_parser("prep", help="build a dataset (python -m data_prep) here or as a Slurm job array plus a merge job")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch scripts / local commands; write nothing")
+    s.add_argument("overrides", nargs="*", help="launcher.* overrides for the launcher, the rest for data_prep, "
+                                                "e.g. launcher=slurm launcher.nodes=8 out_dir=/data/ds filters=laion")
     for name, help_ in (("status", "state of the run's Slurm job(s)"), ("cancel", "scancel the run's pending/running job(s)"),
                         ("logs", "print the latest job's output file")):
         s = sub.add_parser(name, help=help_)
@@ -86,6 +92,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         if args.command == "train":
             sys.exit(train(args))
+        if args.command == "prep":
+            from launch.prep import prep
+
+            sys.exit(prep(args.overrides, dry_run=args.dry_run))
         if args.command == "demo":
             from launch.demo import run_demo
             from launch.local import resolve_nproc

@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 
 from launch.config import compose_train_config
+from launch.launcher_config import LauncherKind
 from launch.local import run_torchrun
+from pretrain.config import ConfigError
 
 REPORTED = [
     ("eval/zeroshot/fashion_mnist/top1", "Fashion-MNIST zero-shot top-1 (chance 0.10)"),
@@ -46,11 +48,16 @@ def run_demo(nproc: int, overrides: list[str]) -> int:
     if not any(o.startswith("run_dir=") for o in overrides):  # a fresh run each time, never a resume
         overrides.append(f"run_dir=runs/demo/train-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg = compose_train_config(overrides)
+    lc = cfg.launcher
+    if lc.kind != LauncherKind.local:
+        raise ConfigError("the demo runs on this machine: submit the training to Slurm with "
+                          "`python -m launch launcher=slurm experiment=demo ...` (and the dataset with `python -m launch prep`)")
+    cfg.check_world(lc.nodes * nproc)
     run_dir = Path(cfg.run_dir)
     print("== [1/3] dataset")
     ensure_dataset(Path(cfg.data.root))
-    print(f"== [2/3] training on {nproc} rank(s)")
-    rc = run_torchrun(nproc, overrides)
+    print(f"== [2/3] training on {lc.nodes} node(s) x {nproc} rank(s)")
+    rc = run_torchrun(nproc, overrides, nodes=lc.nodes, rdzv_port=lc.rdzv_port)
     if rc != 0:
         print(f"training failed (exit code {rc})")
         return rc

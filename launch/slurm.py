@@ -36,46 +36,59 @@ def _q(value: str) -> str:
     return shlex.quote(str(value))
 
 
-def _python(lc: LauncherConfig) -> str:
+def node_python(lc: LauncherConfig) -> str:
     if lc.python:
         return lc.python
     # In a container the image's interpreter; outside, this one (the same venv on a shared filesystem).
     return "python" if lc.container_image else sys.executable
 
 
-def _sbatch(flag: str, comment: str = "") -> str:
+def sbatch_line(flag: str, comment: str = "") -> str:
     line = f"#SBATCH --{flag}"
     return f"{line:<38s} # {comment}" if comment else line
 
 
-def sbatch_header(lc: LauncherConfig, run_dir: Path, workdir: Path) -> list[str]:
-    """The ``#SBATCH`` block: resources, limits, where the output goes."""
-    lines = [_sbatch(f"job-name={lc.job_name or run_dir.name}"),
-             _sbatch(f"nodes={lc.nodes}"),
-             _sbatch("ntasks-per-node=1", "one torchrun per node; it starts the node's ranks")]
+def resource_lines(lc: LauncherConfig, name: str, workdir: Path, nodes: int) -> list[str]:
+    """The ``#SBATCH`` resources and limits of one job (training: all its nodes; a data_prep array: one task)."""
+    lines = [sbatch_line(f"job-name={lc.job_name or name}"),
+             sbatch_line(f"nodes={nodes}"),
+             sbatch_line("ntasks-per-node=1", "one task per node: torchrun, or one data_prep worker")]
     if lc.gpus_per_node:
-        lines.append(_sbatch(f"gpus-per-node={lc.gpus_per_node}"))
+        lines.append(sbatch_line(f"gpus-per-node={lc.gpus_per_node}"))
     if lc.cpus_per_task:
-        lines.append(_sbatch(f"cpus-per-task={lc.cpus_per_task}", "for all the node's ranks and loader workers"))
+        lines.append(sbatch_line(f"cpus-per-task={lc.cpus_per_task}", "for all the node's ranks or processes"))
     else:
-        lines.append(_sbatch("exclusive", "whole nodes: every CPU for the ranks and loader workers"))
+        lines.append(sbatch_line("exclusive", "whole nodes: every CPU for the ranks / processes"))
     if lc.mem is not None:
-        lines.append(_sbatch(f"mem={lc.mem}", "per node"))
+        lines.append(sbatch_line(f"mem={lc.mem}", "per node"))
     for flag, value in (("partition", lc.partition), ("account", lc.account), ("qos", lc.qos)):
         if value:
-            lines.append(_sbatch(f"{flag}={value}"))
-    lines += [_sbatch(f"time={lc.time}"),
-              _sbatch(f"chdir={workdir}", "relative paths in the overrides mean what they meant here"),
-              _sbatch(f"output={slurm_dir(run_dir)}/%j.out"),
-              _sbatch("open-mode=append", "a requeued job keeps writing to the same log"),
-              _sbatch("export=ALL", "secrets (WANDB_API_KEY, ...) come from your shell, never this file")]
+            lines.append(sbatch_line(f"{flag}={value}"))
+    return lines + [sbatch_line(f"time={lc.time}"),
+                    sbatch_line(f"chdir={workdir}", "relative paths in the overrides mean what they meant here"),
+                    sbatch_line("open-mode=append", "a requeued job keeps writing to the same log"),
+                    sbatch_line("export=ALL", "secrets (WANDB_API_KEY, ...) come from your shell, never this file")]
+
+
+def sbatch_header(lc: LauncherConfig, run_dir: Path, workdir: Path) -> list[str]:
+    """The training job's ``#SBATCH`` block: resources, limits, where the output goes, the warning signal."""
+    lines = [*resource_lines(lc, run_dir.name, workdir, lc.nodes), sbatch_line(f"output={slurm_dir(run_dir)}/%j.out")]
     if lc.signal_seconds:
-        lines += [_sbatch(f"signal=B:{SIGNAL}@{lc.signal_seconds}", "warn this script before the time limit"),
-                  _sbatch("requeue", "preempted or out of time: back to the queue, same job id")]
+        lines += [sbatch_line(f"signal=B:{SIGNAL}@{lc.signal_seconds}", "warn this script before the time limit"),
+                  sbatch_line("requeue", "preempted or out of time: back to the queue, same job id")]
     return lines
 
 
-def _exports(title: str, values: dict[str, str]) -> list[str]:
+def container_flags(lc: LauncherConfig, workdir: Path) -> list[str]:
+    """srun's pyxis options: the image, the submit directory mounted at its own path, extra mounts."""
+    if not lc.container_image:
+        return []
+    mounts = ",".join([f"{workdir}:{workdir}", *lc.container_mounts])
+    return [f"--container-image={_q(lc.container_image)}", f"--container-mounts={_q(mounts)}",
+            f"--container-workdir={_q(str(workdir))}"]
+
+
+def export_lines(title: str, values: dict[str, str]) -> list[str]:
     if not values:
         return []
     return [f"# {title}", *(f"export {k}={_q(v)}" for k, v in sorted(values.items())), ""]
@@ -85,14 +98,11 @@ def srun_command(lc: LauncherConfig, workdir: Path, overrides: list[str]) -> lis
     """srun -> (ignore USR1) -> torchrun -> pretrain.train, as one shell command in lines."""
     srun = ["srun", "--nodes=$SLURM_NNODES", "--ntasks-per-node=1", "--ntasks=$SLURM_NNODES",
             '--cpus-per-task="$SLURM_CPUS_ON_NODE"', "--kill-on-bad-exit=1"]
-    if lc.container_image:
-        mounts = ",".join([f"{workdir}:{workdir}", *lc.container_mounts])
-        srun += [f"--container-image={_q(lc.container_image)}", f"--container-mounts={_q(mounts)}",
-                 f"--container-workdir={_q(str(workdir))}"]
+    srun += container_flags(lc, workdir)
     # torchrun itself must survive the time-limit signal (its default action would kill it and
     # with it the ranks): it ignores USR1; the ranks inherit that and install their own handler.
     guard = ["bash", "-c", _q('trap "" USR1; exec "$@"'), "torchrun"]
-    torchrun = [_q(_python(lc)), "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES",
+    torchrun = [_q(node_python(lc)), "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES",
                 f"--nproc_per_node={lc.ranks_per_node()}", "--rdzv_backend=c10d",
                 '--rdzv_endpoint="$HEAD:$PORT"', '--rdzv_id="$SLURM_JOB_ID"']
     train = ["-m", "pretrain.train", *(_q(o) for o in overrides)]
@@ -116,8 +126,8 @@ def render_script(cfg: TrainConfig, overrides: list[str], workdir: Optional[Path
              "",
              "set -eu",
              "",
-             *_exports("extra environment (launcher.env)", dict(lc.env)),
-             *_exports("communication backend settings (launcher.backend_env)", dict(lc.backend_env)),
+             *export_lines("extra environment (launcher.env)", dict(lc.env)),
+             *export_lines("communication backend settings (launcher.backend_env)", dict(lc.backend_env)),
              "# --- rendezvous: every node's torchrun meets the first node of the allocation ---",
              'HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
              f"PORT={port}",
@@ -231,21 +241,36 @@ def submit(cfg: TrainConfig, overrides: list[str], env: Optional[dict[str, str]]
     from omegaconf import OmegaConf
 
     check_cluster(cfg.launcher, env)
-    script = render_script(cfg, overrides)
-    out = slurm_dir(Path(cfg.run_dir).resolve())
-    out.mkdir(parents=True, exist_ok=True)  # also where Slurm writes %j.out: it must exist first
-    (out / "job.sbatch").write_text(script)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(to_dict(cfg)))
-    proc = _run(["sbatch", "--parsable", str(out / "job.sbatch")], env)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr if proc.stderr.strip() else f"sbatch failed with exit code {proc.returncode}\n")
-        return proc.returncode
-    job_id = proc.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
-    with open(out / "job_id", "a") as f:
-        f.write(job_id + "\n")
+    out = write_job_files(Path(cfg.run_dir).resolve(), {"job.sbatch": render_script(cfg, overrides),
+                                                        "config.yaml": OmegaConf.to_yaml(to_dict(cfg))})
+    job_id = sbatch(out / "job.sbatch", env=env)
+    if job_id is None:
+        return 1
     print(job_id)
     print(f"submitted job {job_id}: script {out / 'job.sbatch'}, log {out / (job_id + '.out')}", file=sys.stderr)
     return 0
+
+
+def write_job_files(run_dir: Path, files: dict[str, str]) -> Path:
+    """Write ``files`` into ``<run_dir>/slurm/`` (also where Slurm writes the logs: it must exist first)."""
+    out = slurm_dir(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (out / name).write_text(text)
+    return out
+
+
+def sbatch(script: Path, *options: str, env: Optional[dict[str, str]] = None) -> Optional[str]:
+    """Submit ``script`` (``options`` before it, e.g. a dependency); record the id in ``job_id`` beside it.
+    Returns the id, or None after showing sbatch's error verbatim."""
+    proc = _run(["sbatch", "--parsable", *options, str(script)], env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr if proc.stderr.strip() else f"sbatch failed with exit code {proc.returncode}\n")
+        return None
+    job_id = proc.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+    with open(script.parent / "job_id", "a") as f:
+        f.write(job_id + "\n")
+    return job_id
 
 
 def job_ids(run_dir: Path) -> list[str]:
@@ -256,13 +281,19 @@ def job_ids(run_dir: Path) -> list[str]:
 
 
 def job_state(job_id: str, env: Optional[dict[str, str]] = None) -> str:
-    """PENDING/RUNNING/... from squeue; finished jobs from scontrol while Slurm still remembers them."""
+    """PENDING/RUNNING/... from squeue; finished jobs from scontrol while Slurm still remembers them.
+    A job array (one id, several tasks) reads as its liveliest task, else its worst outcome."""
     q = _run(["squeue", "--noheader", "--jobs", job_id, "--format=%T"], env)
-    if q.returncode == 0 and q.stdout.strip():
-        return q.stdout.split()[0]
-    s = _run(["scontrol", "show", "job", "--oneliner", job_id], env)
-    m = re.search(r"\bJobState=(\S+)", s.stdout)
-    return m.group(1) if m else "UNKNOWN"
+    states = q.stdout.split() if q.returncode == 0 else []
+    if not states:
+        s = _run(["scontrol", "show", "job", "--oneliner", job_id], env)
+        states = re.findall(r"\bJobState=(\S+)", s.stdout)
+    if not states:
+        return "UNKNOWN"
+    for wanted in ("RUNNING", *sorted(ACTIVE)):
+        if wanted in states:
+            return wanted
+    return next((st for st in states if st != "COMPLETED"), "COMPLETED")
 
 
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED", "REQUEUE_HOLD", "REQUEUE_FED"}
@@ -277,7 +308,7 @@ def status(run_dir: Path, env: Optional[dict[str, str]] = None) -> int:
     latest = states[ids[-1]]
     if latest in ACTIVE:
         run = latest.lower()
-    elif (run_dir / "summary.json").is_file():
+    elif (run_dir / "summary.json").is_file() or (run_dir / "report.md").is_file():  # a training / a dataset
         run = "finished"
     else:
         run = f"stopped ({latest.lower()}), no summary.json: see `python -m launch logs {run_dir}`"
@@ -297,13 +328,29 @@ def cancel(run_dir: Path, env: Optional[dict[str, str]] = None) -> int:
     return proc.returncode
 
 
+def log_files(run_dir: Path) -> list[Path]:
+    """The newest job's output that exists: ``<id>.out``, or an array's ``<id>_<task>.out`` files
+    (a pending merge job has none yet, so its array's logs are shown)."""
+    out = slurm_dir(run_dir)
+    for job_id in reversed(job_ids(run_dir)):
+        files = [out / f"{job_id}.out"] if (out / f"{job_id}.out").is_file() else \
+            sorted(out.glob(f"{job_id}_*.out"), key=lambda p: int(p.stem.split("_")[1]))
+        if files:
+            return files
+    return []
+
+
 def logs(run_dir: Path, follow: bool = False) -> int:
-    """Print the latest job's output file; ``follow``: keep printing as it grows (tail -F)."""
-    path = slurm_dir(run_dir) / f"{job_ids(run_dir)[-1]}.out"
+    """Print the latest job's output file(s); ``follow``: keep printing as they grow (tail -F)."""
+    files = log_files(run_dir)
     if follow:
-        os.execvp("tail", ["tail", "-n", "+1", "-F", str(path)])
-    if not path.is_file():
-        print(f"no output yet: {path} (the job may still be pending)", file=sys.stderr)
+        paths = files or [slurm_dir(run_dir) / f"{job_ids(run_dir)[-1]}.out"]
+        os.execvp("tail", ["tail", "-n", "+1", "-F", *map(str, paths)])
+    if not files:
+        print(f"no output yet in {slurm_dir(run_dir)} (the job may still be pending)", file=sys.stderr)
         return 1
-    sys.stdout.write(path.read_text(errors="replace"))
+    for path in files:
+        if len(files) > 1:
+            print(f"==> {path.name} <==")
+        sys.stdout.write(path.read_text(errors="replace"))
     return 0

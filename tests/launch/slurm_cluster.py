@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,6 +30,7 @@ import pytest
 
 from launch.local import free_port
 
+REPO = Path(__file__).resolve().parents[2]
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 INSTALL_HINT = "apt-get install -y --no-install-recommends slurmctld slurmd slurm-client munge"
@@ -308,3 +310,11 @@ def slurm_cluster_session(**kwargs: object) -> Iterator[SlurmCluster]:
         pytest.skip(reason)
     with SlurmCluster(**kwargs) as cluster:  # type: ignore[arg-type]
         yield cluster
+
+
+def launch(cluster: SlurmCluster, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m launch ARGS`` as a user of ``cluster`` would run it, with a secret in the environment
+    (the tests check it never reaches a script or config) and W&B offline."""
+    env = {**cluster.env, "PYTHONPATH": str(REPO), "WANDB_API_KEY": "wandb-secret-0123456789", "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)

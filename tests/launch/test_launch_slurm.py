@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from pretrain.checkpoint import complete_checkpoints, step_of
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def launch(cluster, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**cluster.env, "PYTHONPATH": str(REPO), "WANDB_API_KEY": "wandb-secret-0123456789", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "launch", *args], cwd=cwd, capture_output=True, text=True, timeout=120, env=env)
-
+from tests.launch.slurm_cluster import launch
 
 def test_slurm_submit_demo_training(slurm_cluster, small_build, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
@@ -71,7 +62,8 @@ def wait_mid_training(cluster, run_dir: Path, job_id: int) -> int:
     deadline = time.monotonic() + 180
     while not (found := complete_checkpoints(run_dir / "checkpoints")):
         state = cluster.job(job_id)["JobState"]
-        assert state in {"PENDING", "RUNNING", "CONFIGURING"} and time.monotonic() < deadline, state + cluster.log_tails()
+        job_log = "".join(p.read_text(errors="replace")[-4000:] for p in (run_dir / "slurm").glob("*.out"))
+        assert state in {"PENDING", "RUNNING", "CONFIGURING"} and time.monotonic() < deadline, state + job_log + cluster.log_tails()
         time.sleep(0.2)
     return step_of(found[-1])
 

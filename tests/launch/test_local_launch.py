@@ -63,13 +63,14 @@ def test_torchrun_command_and_rank_count() -> None:
 
 
 def test_demo_flow_trains_exports_and_prints_the_summary(small_build, tmp_path: Path) -> None:
-    """The README's main job, shrunk: the prebuilt small dataset is reused, 6 steps of tiny_test."""
+    """The README's main job, shrunk: the prebuilt small dataset is reused, 6 steps of tiny_test, and
+    trained as two local nodes of one rank (two torchrun agents) so the multi-node demo runs too."""
     run_dir = tmp_path / "run"
-    proc = launch("demo", "--nproc-per-node", "2", f"run_dir={run_dir}", f"data.root={small_build.out_dir}",
+    proc = launch("demo", "--nproc-per-node", "1", "launcher.nodes=2", f"run_dir={run_dir}", f"data.root={small_build.out_dir}",
                   "size=tiny_test", "steps=6", "optim.warmup_steps=1", "eval.every=0", "checkpoint.every=3",
                   "data.batch_size=16", "eval.zeroshot.0.limit=300", "wandb.mode=offline", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "reusing the dataset" in proc.stdout
+    assert "reusing the dataset" in proc.stdout and "training on 2 node(s) x 1 rank(s)" in proc.stdout
     assert "Fashion-MNIST zero-shot top-1" in proc.stdout and "training samples/s" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 6
