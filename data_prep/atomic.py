@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
+from data_prep import PrepError
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
@@ -30,6 +32,33 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+class UnwritableDirError(PrepError):
+    """An output folder cannot be created or written; the message names the setting and the path."""
+
+
+def ensure_writable_dir(path: str | os.PathLike, setting: str) -> Path:
+    """Create ``path`` if needed and prove that a file can be written in it, before any work starts.
+
+    The probe writes and fsyncs one 4 KiB block, so a read-only mount, missing permissions, a file
+    in the way and a full disk all fail here in one line instead of hours later, mid-write."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=path)
+        try:
+            os.write(fd, bytes(4096))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else (e.strerror or str(e))
+        raise UnwritableDirError(f"{setting}={path}: cannot write there ({why}); "
+                                 f"set {setting} to a folder you can write to") from None
+    return path
 
 
 def _umask() -> int:

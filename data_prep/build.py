@@ -204,13 +204,13 @@ def prepare(cfg: PrepConfig) -> tuple[Plan, int, int]:
     """Open the sources (fail fast) and read or make the plan; returns ``(plan, rank, world)``."""
     from data_prep.filters import make_filter
 
-    ensure_writable_dir(cfg.out_dir, "out_dir")
     rank, world = worker_rank(cfg)
     sources = open_sources(cfg)
     # Construct every stage here once (cheap: models load lazily) so that a bad option, e.g. a CLIP
     # checkpoint that is not an export, fails in one line before any worker process starts.
     for stage in [make_filter(name, options) for name, options in cfg.filters.items()]:
         stage.close()
+    ensure_writable_dir(cfg.out_dir, "out_dir")  # after the input checks: a bad input creates no out_dir
     plan = load_or_make_plan(cfg, sources, rank, cfg.workers.wait_timeout)
     return plan, rank, world
 

@@ -5,7 +5,7 @@ in input order. Nothing raises for a bad URL: every failure becomes a reason ``"
 short stable code (counted by the report) and a ``retryable`` flag (transient failures worth another
 try in a later run). Codes: ``http_<status>``, ``timeout``, ``connection_error``, ``ssl_error``,
 ``truncated``, ``too_large``, ``wrong_type``, ``redirect_loop``, ``robots_noai``, ``bad_url``,
-``bad_encoding``, ``missing_file``, ``read_error``, ``error`` (anything unexpected).
+``bad_encoding``, ``missing_file``, ``not_a_file``, ``read_error``, ``error`` (anything unexpected).
 
 Speed comes from reusing connections: one ``requests.Session`` per thread (sessions are not
 thread-safe), each keeping its keep-alive connections in an adapter pool; error bodies are drained
@@ -16,6 +16,7 @@ from __future__ import annotations
 import http.cookiejar
 import os
 import re
+import stat
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -218,6 +219,11 @@ class Downloader:
 
     def _read_file(self, path: str, url: str) -> Fetched:
         try:
+            # Regular files only, checked before open: opening a FIFO blocks until someone writes to
+            # it, and reading /dev/zero never ends (a table row may name any path).
+            mode = os.stat(path).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder fails below, as missing_file
+                return _fail(f"not_a_file: {path} is not a regular file (a FIFO, device or socket)")
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > self.cfg.max_bytes:

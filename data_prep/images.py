@@ -20,6 +20,9 @@ from PIL import Image
 from data_prep.sources.base import DECODE_ERRORS, Sample
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default bomb limit (about 0.25 GB of RGB24)
+# The only PIL parsers untrusted bytes reach (JPEG's also opens camera MPOs). Without this list PIL
+# picks a parser by content whatever the file is called: EPS bytes in a ``.png`` would run Ghostscript.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # Original (w, h) -> the smallest (w, h) the caller will use; the decode may be reduced down to it.
 SizeNeed = Callable[[tuple[int, int]], tuple[int, int]]
 # Draft down to the needed size itself, not 2x as Pillow's thumbnail: DCT-domain scaling is a proper
@@ -47,9 +50,11 @@ def decode(sample: Sample, max_pixels: int = DEFAULT_MAX_PIXELS, need: SizeNeed 
         with warnings.catch_warnings():
             # Our own limit below is the policy; PIL's warning would only duplicate it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(sample.image))  # reads the header only
+            im = Image.open(io.BytesIO(sample.image), formats=IMAGE_FORMATS)  # reads the header only
     except Image.DecompressionBombError as e:  # beyond twice PIL's limit: refused inside Image.open
         raise _reject(f"too_many_pixels: {e}") from e
+    except Image.UnidentifiedImageError as e:  # its message holds the buffer's address: not reproducible
+        raise _reject(f"decode_error: UnidentifiedImageError: not a {', '.join(IMAGE_FORMATS)} image") from e
     except DECODE_ERRORS as e:
         raise _reject(f"decode_error: {type(e).__name__}: {e}") from e
     w, h = im.size

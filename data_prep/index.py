@@ -1,23 +1,49 @@
 """Describe existing WebDataset shards (e.g. written by img2dataset) with a ``manifest.json``.
 
-Samples are counted the way the loader will see them: webdataset's own tar reader groups members
-by key, so the manifest's counts match what training iterates over.
+Samples are counted the way the training loader (``pretrain.data.shard_samples``) will see them:
+consecutive regular members sharing a key (webdataset's ``base_plus_ext``) form one sample. Only
+headers are read, never member data, and nothing is extracted. A shard that is damaged (truncated,
+corrupt, not a tar) or holds a regular member with an absolute or ``..`` path is refused with an
+error naming it, so no manifest ever lists a shard that training or a later ``tar -x`` would trip on.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import base_plus_ext
 
 from data_prep import PrepError
 from data_prep.atomic import sha256_file
 from data_prep.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from data_prep.sources.webdataset import TAR_ERRORS, damage, open_tar_stream, text_id, unsafe_name
+
+_REBUILD = ("remove it from the folder, or re-shard the folder with `python -m data_prep build` and a "
+            "webdataset source, which drops such samples")
 
 
 def count_samples(tar: str | Path) -> int:
-    """Number of samples (groups of members sharing a key) in one tar."""
-    return sum(1 for _ in tarfile_samples([{"url": str(tar)}]))
+    """Number of samples (runs of members sharing a key) in one tar; raises ``PrepError`` naming the
+    shard when it is damaged or holds a member with an unsafe path."""
+    tar = Path(tar)
+    count, key = 0, None
+    try:
+        with open_tar_stream(tar) as tf:
+            while (m := tf.next()) is not None:
+                tf.members.clear()  # streaming: memory stays flat however many members
+                if not m.isreg():  # links, devices, folders: no sample's data (the loader skips them too)
+                    continue
+                if unsafe_name(m.name):
+                    raise PrepError(f"{text_id(str(tar))}: member {m.name!r} has an absolute or '..' path; {_REBUILD}")
+                name_key, _ = base_plus_ext(m.name)
+                if name_key is not None and name_key != key:
+                    count, key = count + 1, name_key
+            why = damage(tf)
+    except TAR_ERRORS as e:
+        why = f"{type(e).__name__}: {e}"
+    if why is not None:
+        raise PrepError(f"{text_id(str(tar))}: not a complete tar shard ({why}) after {count} samples; {_REBUILD}")
+    return count
 
 
 def index_shards(folder: str | Path, split: str = "train", config: dict[str, Any] | None = None) -> Manifest:
@@ -25,7 +51,7 @@ def index_shards(folder: str | Path, split: str = "train", config: dict[str, Any
     folder = Path(folder)
     if not folder.is_dir():
         raise PrepError(f"not a folder of shards: {folder}")
-    tars = sorted(folder.glob("*.tar"))
+    tars = sorted(t for t in folder.glob("*.tar") if t.is_file())
     if not tars:
         raise PrepError(f"no .tar shards in {folder}")
     shards = [ShardInfo(name=t.name, samples=count_samples(t), bytes=t.stat().st_size, sha256=sha256_file(t)) for t in tars]

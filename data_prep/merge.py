@@ -25,8 +25,9 @@ import pyarrow.parquet as pq
 from data_prep import PrepError
 from data_prep.atomic import atomic_write, sha256_file
 from data_prep.config import PrepConfig
-from data_prep.decisions import BASE_COLUMNS
+from data_prep.decisions import BASE_COLUMNS, WRITE_STAGE
 from data_prep.filters import Filter
+from data_prep.filters.duplicates import first_occurrence
 from data_prep.manifest import Manifest, ShardInfo
 from data_prep.plan import Plan, Unit
 from data_prep.shards import SHARD_GLOB, SHARD_NAME, TarAppender, copy_ranges
@@ -75,6 +76,12 @@ def judge_globals(table: pa.Table, stages: Sequence[Filter]) -> tuple[pa.Table, 
         filters[hit] = stage.name
         reasons[hit] = np.array(verdicts, dtype=object)[hit]
         summaries[stage.name] = dict(getattr(stage, "summary", {}) or {})
+    # A uid is a shard key, so it must be unique. Sources may carry their own (a shard's json "uid"),
+    # and two copies of one shard in two units would repeat them: only the first copy is kept.
+    repeats, _ = first_occurrence(table["uid"], np.isnan(stage_pos))
+    stage_pos[repeats] = len(stages)
+    filters[repeats] = WRITE_STAGE
+    reasons[repeats] = "duplicate_uid: an earlier sample of the build has the same uid"
     kept = pa.array(np.isnan(stage_pos))
     split = pc.if_else(kept, table["split"], pa.scalar(None, pa.string()))
     table = table.set_column(table.column_names.index("kept"), "kept", kept)

@@ -68,9 +68,10 @@ def train(args: argparse.Namespace) -> int:
         cfg.check_world(lc.nodes * nproc)  # fail here, in one line, before any rank starts
         check_inputs(cfg)
         if args.dry_run:  # one line per agent
-            print("\n".join(shlex.join(c) for c in agent_commands(lc.nodes, nproc, overrides, rdzv_port=lc.rdzv_port)))
+            print("\n".join(shlex.join(c) for c in agent_commands(lc.nodes, nproc, overrides, rdzv_port=lc.rdzv_port,
+                                                                       max_restarts=lc.max_restarts)))
             return 0
-        return run_torchrun(nproc, overrides, nodes=lc.nodes, rdzv_port=lc.rdzv_port)
+        return run_torchrun(nproc, overrides, nodes=lc.nodes, rdzv_port=lc.rdzv_port, max_restarts=lc.max_restarts)
 
     from launch import slurm
 

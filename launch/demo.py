@@ -57,7 +57,7 @@ def run_demo(nproc: int, overrides: list[str]) -> int:
     print("== [1/3] dataset")
     ensure_dataset(Path(cfg.data.root))
     print(f"== [2/3] training on {lc.nodes} node(s) x {nproc} rank(s)")
-    rc = run_torchrun(nproc, overrides, nodes=lc.nodes, rdzv_port=lc.rdzv_port)
+    rc = run_torchrun(nproc, overrides, nodes=lc.nodes, rdzv_port=lc.rdzv_port, max_restarts=lc.max_restarts)
     if rc != 0:
         print(f"training failed (exit code {rc})")
         return rc

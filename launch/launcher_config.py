@@ -58,6 +58,10 @@ class LauncherConfig:
     # Seconds before the time limit at which the ranks get SIGUSR1 (checkpoint, then requeue); 0: none.
     signal_seconds: int = 120
     rdzv_port: int = 0  # torchrun's c10d rendezvous port on the first node; 0: derived from the job id
+    # torchrun's --max-restarts: when a rank dies (OOM kill, a lost GPU, a crash), torchrun stops the
+    # others and starts them all again this many times; they resume from the last checkpoint.
+    # 0: the first failure ends the run (Slurm's requeue or a resubmit resumes it the same way).
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         _check(self.nodes >= 1, f"launcher.nodes={self.nodes} must be >= 1")
@@ -70,6 +74,7 @@ class LauncherConfig:
         _check(self.mem is None or bool(_MEM.match(self.mem)),
                f"launcher.mem={self.mem!r} must be a size such as 64G, 512000M or 0 (all of a node's memory)")
         _check(0 <= self.signal_seconds <= 3600, f"launcher.signal_seconds={self.signal_seconds} must be in [0, 3600]")
+        _check(0 <= self.max_restarts <= 100, f"launcher.max_restarts={self.max_restarts} must be in [0, 100]")
         _check(self.rdzv_port == 0 or 1024 <= self.rdzv_port <= 65535,
                f"launcher.rdzv_port={self.rdzv_port} must be 0 (from the job id) or in [1024, 65535]")
         for section, names in (("env", self.env), ("backend_env", self.backend_env)):

@@ -48,8 +48,9 @@ def free_port() -> int:
 
 
 def torchrun_command(nproc: int, overrides: list[str], module: str = "pretrain.train", *, nodes: int = 1,
-                     rdzv_endpoint: Optional[str] = None, rdzv_id: Optional[str] = None) -> list[str]:
-    """The torchrun command of one agent: standalone for one node, else a c10d rendezvous member."""
+                     rdzv_endpoint: Optional[str] = None, rdzv_id: Optional[str] = None, max_restarts: int = 0) -> list[str]:
+    """The torchrun command of one agent: standalone for one node, else a c10d rendezvous member.
+    ``max_restarts`` (``launcher.max_restarts``): times torchrun restarts the ranks after one fails."""
     if nodes == 1:
         rdzv = ["--standalone"]
     else:
@@ -57,21 +58,22 @@ def torchrun_command(nproc: int, overrides: list[str], module: str = "pretrain.t
             raise ValueError("a multi-node torchrun needs rdzv_endpoint and rdzv_id")
         # No --node_rank: c10d ignores it (and warns); node ranks come from the join order.
         rdzv = [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rdzv_endpoint}", f"--rdzv_id={rdzv_id}"]
-    return [sys.executable, "-m", "torch.distributed.run", *rdzv, f"--nproc_per_node={nproc}", "-m", module, *overrides]
+    restarts = [f"--max-restarts={max_restarts}"] if max_restarts else []
+    return [sys.executable, "-m", "torch.distributed.run", *rdzv, *restarts, f"--nproc_per_node={nproc}", "-m", module, *overrides]
 
 
 def agent_commands(nodes: int, nproc: int, overrides: list[str], module: str = "pretrain.train", rdzv_port: int = 0,
-                   rdzv_id: Optional[str] = None) -> list[list[str]]:
+                   rdzv_id: Optional[str] = None, max_restarts: int = 0) -> list[list[str]]:
     """One torchrun command per node of this machine: all the same, meeting on 127.0.0.1:<rdzv_port>.
 
     ``rdzv_port`` 0 picks a free port; ``rdzv_id`` None a fresh id, so two local runs never join
     each other's rendezvous."""
     if nodes == 1:
-        return [torchrun_command(nproc, overrides, module)]
+        return [torchrun_command(nproc, overrides, module, max_restarts=max_restarts)]
     endpoint = f"{RDZV_HOST}:{rdzv_port or free_port()}"
     rdzv_id = rdzv_id or f"local-{uuid.uuid4().hex[:12]}"
-    return [torchrun_command(nproc, overrides, module, nodes=nodes, rdzv_endpoint=endpoint, rdzv_id=rdzv_id)
-            for _ in range(nodes)]
+    return [torchrun_command(nproc, overrides, module, nodes=nodes, rdzv_endpoint=endpoint, rdzv_id=rdzv_id,
+                             max_restarts=max_restarts) for _ in range(nodes)]
 
 
 def rank_env(nproc: int) -> dict[str, str]:
@@ -79,6 +81,10 @@ def rank_env(nproc: int) -> dict[str, str]:
 
     ``nproc`` is every rank on this machine: all agents' ranks together when several run here."""
     env = dict(os.environ)
+    # torchrun shares its rendezvous TCPStore with the ranks' process group by default, and keys
+    # from before a restart (launcher.max_restarts) survive in it: restarted ranks may read a dead
+    # peer's address and fail to connect (pytorch/pytorch#135712). One fresh store per attempt.
+    env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if not torch.cuda.is_available():
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return env
@@ -140,7 +146,7 @@ def _raise_exit(signum: int, frame: object) -> None:
 
 
 def run_torchrun(nproc: int, overrides: list[str], timeout: Optional[float] = None, *, nodes: int = 1, rdzv_port: int = 0,
-                 module: str = "pretrain.train", stdout: Output = None, stderr: Output = None) -> int:
+                 module: str = "pretrain.train", stdout: Output = None, stderr: Output = None, max_restarts: int = 0) -> int:
     """Start ``nodes`` torchrun agents of ``nproc`` ranks each here, wait, and return the exit code."""
-    commands = agent_commands(nodes, nproc, overrides, module, rdzv_port)
+    commands = agent_commands(nodes, nproc, overrides, module, rdzv_port, max_restarts=max_restarts)
     return run_agents(commands, rank_env(nodes * nproc), timeout, stdout, stderr)

@@ -105,6 +105,8 @@ def srun_command(lc: LauncherConfig, workdir: Path, overrides: list[str]) -> lis
     torchrun = [_q(node_python(lc)), "-m", "torch.distributed.run", "--nnodes=$SLURM_NNODES",
                 f"--nproc_per_node={lc.ranks_per_node()}", "--rdzv_backend=c10d",
                 '--rdzv_endpoint="$HEAD:$PORT"', '--rdzv_id="$SLURM_JOB_ID"']
+    if lc.max_restarts:  # a failed rank restarts every rank from the last checkpoint, within this allocation
+        torchrun.append(f"--max-restarts={lc.max_restarts}")
     train = ["-m", "pretrain.train", *(_q(o) for o in overrides)]
     return [" ".join(srun[:6]), *([" ".join(srun[6:])] if srun[6:] else []), " ".join(guard), " ".join(torchrun), " ".join(train)]
 
@@ -133,6 +135,8 @@ def render_script(cfg: TrainConfig, overrides: list[str], workdir: Optional[Path
              f"PORT={port}",
              "# torchrun would set 1 thread per rank; share the task's CPUs between its ranks instead",
              f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-$(( SLURM_CPUS_ON_NODE / {nproc} > 0 ? SLURM_CPUS_ON_NODE / {nproc} : 1 ))}}",
+             "# a fresh rendezvous store per torchrun restart (launcher.max_restarts; pytorch/pytorch#135712)",
+             "export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}",
              'echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NODELIST; rendezvous $HEAD:$PORT"',
              ""]
     if lc.signal_seconds:

@@ -68,6 +68,11 @@ class RouterImpl(str, Enum):
     auto = "auto"  # triton on CUDA, torch otherwise
 
 
+class NonfiniteAction(str, Enum):
+    skip = "skip"  # drop the step's update (weights and optimizer untouched) and go on
+    stop = "stop"  # end the run with an error; the last checkpoint is left as it is
+
+
 class WandbMode(str, Enum):
     auto = "auto"  # online when WANDB_API_KEY is set, else offline
     offline = "offline"
@@ -194,6 +199,10 @@ class DataConfig:
     num_workers: int = 1  # loader processes per rank; 0 reads in the training process
     shuffle_buffer: int = 2000
     seed: int = 0
+    # Per-rank log of the sample uids each step trained on: <run_dir>/uids/rank_XXXXX.jsonl, one
+    # line per step. On resume it is cut back to the checkpoint's step, so it lists exactly the
+    # samples whose gradient reached the model (audits, the chaos tests). Off by default.
+    log_uids: bool = False
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be >= 1")
@@ -271,6 +280,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class NonfiniteConfig:
+    """What a step whose loss is NaN or inf on any rank does (all ranks decide together)."""
+
+    action: NonfiniteAction = NonfiniteAction.skip
+    # skip: after this many non-finite steps in a row the run stops anyway (it has diverged).
+    max_consecutive: int = 10
+
+    def __post_init__(self) -> None:
+        _check(self.max_consecutive >= 1, f"nonfinite.max_consecutive={self.max_consecutive} must be >= 1")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection for the reliability tests (tests/chaos); leave empty in real runs."""
+
+    # Steps (1-based, as logged) whose loss rank 0 turns into NaN before the finiteness check.
+    # Only rank 0: the other ranks must learn of it through the check's all_reduce.
+    nan_at_steps: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _check(all(s >= 1 for s in self.nan_at_steps), f"debug.nan_at_steps={self.nan_at_steps}: steps are >= 1")
+
+
+@dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.auto
     project: str = "clipforge"
@@ -315,6 +348,8 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    nonfinite: NonfiniteConfig = field(default_factory=NonfiniteConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     # How `python -m launch` starts the run (torchrun here or Slurm); the trainer ignores it.

@@ -5,19 +5,22 @@ CUDA over NCCL with the same code; the backend and device follow what the machin
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import deepspeed
 import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.checkpoint import COMPLETE, CheckpointError, WriteLog, safe_load, verify_checkpoint
 from pretrain.config import OptimizerName, Precision, TrainConfig
 from pretrain.models import param_groups
 from pretrain.models.moe import MoeMlp
@@ -117,6 +120,7 @@ def initialize(task: nn.Module, cfg: TrainConfig) -> Engine:
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_multiplier(cfg, step))  # noqa: E731
     engine, _, _, _ = deepspeed.initialize(model=task, model_parameters=groups, optimizer=optimizer,
                                            lr_scheduler=schedule, config=ds_config(cfg))
+    use_safe_checkpoint_engine(engine)
     return engine
 
 
@@ -162,18 +166,101 @@ def compute_dtype(cfg: TrainConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.engine.precision == Precision.bf16 else torch.float32
 
 
+# -- checkpoint files: DeepSpeed's reads without pickle's code execution, its write errors agreed ----
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes DeepSpeed's checkpoints hold besides tensors and plain containers (found by
+    torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3, fp32/bf16, AdamW/LAMB
+    checkpoints of deepspeed 0.19): all plain data records, none runs code when rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler  # the (static, unused in bf16/fp32) loss scale
+    from deepspeed.runtime.zero.config import ZeroStageEnum  # an int enum
+    from deepspeed.utils.tensor_fragment import fragment_address  # a dataclass of two ints
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch.save/torch.load checkpoint engine, with two changes:
+
+    - ``load`` is :func:`pretrain.checkpoint.safe_load` (weights_only=True + the allow-list above),
+      so ``engine.load_checkpoint`` never unpickles arbitrary objects;
+    - a failed write (full disk, I/O error) is recorded in ``write_log`` instead of raised, so every
+      rank finishes DeepSpeed's save and its collectives; ``Checkpointer.save`` then makes all
+      ranks raise the same CheckpointError. (Raised on one rank mid-save, the others would wait for
+      it in a collective until the timeout.)
+    """
+
+    def __init__(self, config_params: Any = None) -> None:
+        super().__init__(config_params)
+        self.write_log = WriteLog()
+        self.allow = deepspeed_safe_globals()
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        try:
+            os.makedirs(path, exist_ok=exist_ok)
+        except OSError as e:
+            self.write_log.fail(path, e)
+
+    def save(self, state_dict: dict[str, Any], path: str) -> None:
+        if self.write_log.error is not None:
+            return  # the save has failed already: do not fill the disk further
+        try:
+            super().save(state_dict, path)
+            self.write_log.sizes[path] = os.path.getsize(path)
+        except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on ENOSPC/EIO
+            self.write_log.fail(path, e)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, allow=self.allow, map_location=map_location)
+
+
+def use_safe_checkpoint_engine(engine: Engine) -> None:
+    """Swap the engine's checkpoint engine for :class:`SafeCheckpointEngine` (ds_config never asks
+    for DeepSpeed's other engines: fast/decoupled writers, Nebula, DataStates)."""
+    current = engine.checkpoint_engine
+    if type(current) is not TorchCheckpointEngine:
+        raise RuntimeError(f"DeepSpeed chose checkpoint engine {type(current).__name__}; only TorchCheckpointEngine "
+                           "can be made safe (remove checkpoint writer/datastates options from the DeepSpeed config)")
+    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    # DeepSpeed also copies its zero_to_fp32.py scripts beside the tags, i.e. into .incoming/, which
+    # the next save wipes (export uses consolidated_state_dict). That copy bypasses the checkpoint
+    # engine, so on a full disk it would raise on rank 0 alone: skip it.
+    engine._copy_recovery_script = lambda save_path: None
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load(allow: list[Any]) -> Iterator[None]:
+    """zero_to_fp32 calls ``torch.load(..., weights_only=False)`` itself; while this is active every
+    torch.load in the process is :func:`safe_load`. Only for export (one process, one thread)."""
+    original = torch.load
+
+    def load(f: Any, map_location: Any = None, weights_only: Optional[bool] = None, **kwargs: Any) -> Any:
+        return safe_load(f, allow=allow, map_location=map_location, **kwargs)
+
+    torch.load = load  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.load = original  # type: ignore[assignment]
+
+
 def consolidated_state_dict(checkpoint_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     """fp32 weights of the wrapped module from a DeepSpeed checkpoint folder (one tag), on CPU,
     without a process group: ZeRO 1-3 from the partitioned fp32 master copies, stage 0 from the
-    module states file."""
+    module states file. Every file is read with weights_only=True; a damaged checkpoint (a file
+    shorter than ``COMPLETE`` recorded) raises CheckpointError."""
     ckpt = Path(checkpoint_dir)
+    problem = verify_checkpoint(ckpt) if (ckpt / COMPLETE).is_file() else None
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {ckpt} is damaged: {problem}; export another checkpoint")
+    allow = deepspeed_safe_globals()
     if glob.glob(str(ckpt / "*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        with _weights_only_torch_load(allow):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
     else:
         files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
         if not files:
             raise FileNotFoundError(f"no DeepSpeed model states in {ckpt}")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+        state = safe_load(files[0], allow=allow)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}

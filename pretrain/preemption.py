@@ -21,6 +21,13 @@ ranks of one node a moment earlier) stops all of them at the same step.
 
 Ranks started by the Slurm script inherit "ignore USR1" from the torchrun guard;
 ``signal.signal`` replaces that with the handler.
+
+Data-loader workers get both signals too (Slurm signals every process of the step; so does
+``kill -TERM -<pgid>``), and PyTorch's worker handler lets a SIGTERM from anyone but the parent
+kill the worker: the rank would then fail on its next batch instead of checkpointing.
+:func:`shield_worker` (the loader's ``worker_init_fn``) makes workers ignore them. They still end
+with their rank: the rank shuts them down when it closes its loader, and a worker exits by itself
+when it sees its parent gone (PyTorch's watchdog, within ~5 s), SIGKILL included.
 """
 from __future__ import annotations
 
@@ -76,6 +83,12 @@ class Preemption:
         any_signal, stop = (bool(v) for v in local.tolist())
         self.requeue = any_signal and not stop
         return any_signal
+
+
+def shield_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: the worker ignores the stop/requeue signals its rank handles."""
+    for sig in (*REQUEUE_SIGNALS, *STOP_SIGNALS):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def slurm_job_id() -> Optional[str]:

@@ -12,8 +12,12 @@ import warnings
 import hydra
 from omegaconf import DictConfig
 
+from pretrain.checkpoint import check_run_dir
 from pretrain.config import ConfigError, to_config
 from pretrain.data.check import check_inputs
+
+EXIT_CONFIG = 2  # the config was rejected before any work
+EXIT_NONFINITE = 3  # a non-finite loss stopped the run (nonfinite.*); the last checkpoint is intact
 
 
 def setup_logging() -> None:
@@ -33,19 +37,27 @@ def main(dict_cfg: DictConfig) -> None:
         cfg = to_config(dict_cfg)
         cfg.check_world(int(os.environ.get("WORLD_SIZE", 1)))
         check_inputs(cfg)
+        check_run_dir(cfg)  # writable; an explicit checkpoint.resume intact
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_CONFIG)
+    from pretrain.nonfinite import NonfiniteLossError
     from pretrain.preemption import requeue_job, slurm_job_id
     from pretrain.trainer import Trainer  # after validation: a bad config fails before heavy imports
 
     trainer = Trainer(cfg)
     finished = False
+    stopped = None
     try:
         trainer.train()
         finished = True
+    except NonfiniteLossError as e:  # every rank raises it at the same step: an error, not a crash
+        stopped = e
     finally:
-        trainer.close(finished)
+        trainer.close(finished, together=finished or stopped is not None)
+    if stopped is not None:
+        print(f"rank {trainer.dist.rank}: training stopped: {stopped}", file=sys.stderr)
+        sys.exit(EXIT_NONFINITE)
     # Last, after every rank's checkpoint and shutdown: the requeue kills this job.
     job_id = slurm_job_id()
     if trainer.preempted and trainer.preemption.requeue and job_id and trainer.dist.is_main:

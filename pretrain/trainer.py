@@ -14,12 +14,14 @@ from omegaconf import OmegaConf
 
 from data_prep.atomic import atomic_write
 from pretrain import engine as engine_lib
-from pretrain.checkpoint import Checkpointer, resolve_resume, rng_state, set_rng_state
+from pretrain.checkpoint import Checkpointer, rng_state, set_rng_state
 from pretrain.config import Arch, TrainConfig, to_dict
 from pretrain.data import TrainLoader, Tokenizer, image_transform
+from pretrain.data.uid_log import UidLog
 from pretrain.evaluate import Evaluator
 from pretrain.models import ContrastiveModel, build_model
 from pretrain.monitor import Monitor, NullMonitor, make_monitor
+from pretrain.nonfinite import NonfiniteGuard, NonfiniteLossError
 from pretrain.preemption import Preemption
 from pretrain.schedule import masking_enabled
 from pretrain.task import build_task
@@ -38,6 +40,8 @@ class TrainState:
     samples: int = 0
     train_seconds: float = 0.0  # time in training steps (evals and checkpoints excluded)
     wandb_run_id: Optional[str] = None
+    nonfinite_steps: int = 0  # steps whose update was skipped (NaN/inf): pretrain.nonfinite
+    nonfinite_streak: int = 0  # of them, the ones in a row up to now
 
 
 class Trainer:
@@ -63,19 +67,21 @@ class Trainer:
         dist.barrier()
         peak = cfg.engine.peak_tflops or device_peak_tflops(self.dist.device, self.dtype == torch.bfloat16)
         # Installed at start-up, so a signal that arrives while the model and data are still being
-        # set up is acted on at the first step boundary. (Loader workers still die on Slurm's
-        # SIGTERM to every process of the job: a SIGTERM stop resumes from the last periodic
-        # checkpoint; the USR1 warning checkpoints at the current step.)
+        # set up is acted on at the first step boundary. Loader workers ignore both signals (Slurm
+        # sends them to every process of the job): their parent finishes the step and checkpoints.
         self.preemption = Preemption(self.dist.device)
         self.preemption.install()
         self.loader = TrainLoader(cfg.data, cfg.model.vision.image_size, self.tokenizer, self.dist.rank, self.dist.world_size)
         self.evaluator = Evaluator(cfg.eval, self.tokenizer, image_transform(cfg.model.vision.image_size))
+        self.guard = NonfiniteGuard(cfg.nonfinite, cfg.debug, self.dist.rank, self.dist.world_size, self.dist.device)
+        self.uid_log = UidLog(self.run_dir, self.dist.rank, cfg.data.log_uids)
         self.checkpointer = Checkpointer(self.run_dir / "checkpoints", cfg.checkpoint.keep, self.dist.rank, self.dist.world_size)
         self.samples_per_step = self.dist.world_size * cfg.data.batch_size * cfg.engine.grad_accum
         self.throughput = Throughput(3 * model.flops_per_sample(), peak, self.dist.world_size)
         self.masking = True  # what the model starts with (only FLIP has a switch)
         self.state = TrainState()
         self.saved_step = -1  # the step of the last checkpoint this process wrote (no double saves)
+        self.checkpoint_step = 0  # the step of the newest checkpoint, written or resumed from (0: none)
         self.preempted = False  # train() stopped early on a signal: see pretrain.preemption
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.monitor: Monitor = NullMonitor()
@@ -95,6 +101,7 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, Any]:
         self.maybe_resume()
+        self.uid_log.open(self.state.step)  # forgets the steps after the checkpoint: they are trained again
         self.monitor = make_monitor(self.cfg.wandb, self.run_dir, self.config_dict, self.state.wandb_run_id, self.dist.is_main)
         self.state.wandb_run_id = self.monitor.run_id
         log.info("training %s: %d steps x %d samples on %d rank(s), ZeRO-%d, %s",
@@ -126,25 +133,59 @@ class Trainer:
         return self.write_summary(final)
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step: grad_accum micro-steps of forward, backward, (boundary) update."""
+        """One optimizer step: grad_accum micro-steps of forward, finiteness check, backward,
+        (boundary) update. A step with a non-finite loss is skipped or stops the run."""
         t0 = time.perf_counter()
+        step = self.state.step + 1  # the step this call trains, as logged
         loss_sum = torch.zeros(())
         masking = masking_enabled(self.cfg, self.state.step)
         if masking != self.masking:  # FLIP's phase 2: unmasked, so each step costs more FLOPs
             self.model.set_masking(masking)
             self.masking = masking
             self.throughput.train_flops_per_sample = 3 * self.model.flops_per_sample()
-        for _ in range(self.cfg.engine.grad_accum):
+        uids: list[str] = []
+        dropped_by_deepspeed = self.engine.skipped_steps
+        for micro in range(self.cfg.engine.grad_accum):
             batch = self.loader.next()
+            uids += batch["uids"]
             images = batch["images"].to(self.dist.device, self.dtype, non_blocking=True)  # (B, 3, H, W)
             tokens = batch["tokens"].to(self.dist.device, non_blocking=True)  # (B, L)
             out = self.engine(images, tokens)
-            self.engine.backward(out["loss"])
+            loss = self.guard.inject(out["loss"], step)
+            bad = self.guard.bad_ranks(loss)  # collective: every rank takes the same branch
+            if bad:
+                return self.skip_step(step, micro, f"non-finite loss on rank(s) {', '.join(map(str, bad))}", uids, out, t0)
+            self.engine.backward(loss)
             self.engine.step()  # DeepSpeed updates only at the accumulation boundary
             loss_sum += out["contrastive"].float().cpu()
+        skipped = self.engine.skipped_steps > dropped_by_deepspeed  # a finite loss, non-finite gradients
+        if skipped:
+            self.record_bad_step(step, "non-finite gradients (DeepSpeed dropped the update)")
+        else:
+            self.guard.good_step(self.state)
+        self.uid_log.write(step, uids, skipped=skipped)
         self.state.train_seconds += time.perf_counter() - t0
         self.last_metrics = out["metrics"]  # moe/*: tensors, made floats only when logged
         return {"loss": loss_sum.item() / self.cfg.engine.grad_accum, "logit_scale": out["logit_scale"].float().item()}
+
+    def skip_step(self, step: int, micro: int, what: str, uids: list[str], out: dict[str, Any], t0: float) -> dict[str, float]:
+        """No backward, no engine.step: weights, optimizer and schedule stay as they were. The
+        step's other micro-batches are still consumed, so a step always moves the data one step."""
+        self.record_bad_step(step, what, micro)
+        for _ in range(micro + 1, self.cfg.engine.grad_accum):
+            uids += self.loader.next()["uids"]
+        self.uid_log.write(step, uids, skipped=True)
+        self.state.train_seconds += time.perf_counter() - t0
+        self.last_metrics = out["metrics"]
+        return {"loss": float("nan"), "logit_scale": out["logit_scale"].float().item()}
+
+    def record_bad_step(self, step: int, what: str, micro: int = 0) -> None:
+        """Count it (and warn); on a stop, log the count before the error ends the run."""
+        try:
+            self.guard.bad_step(self.state, step, what, self.checkpoint_step, micro, self.cfg.engine.grad_accum)
+        except NonfiniteLossError:
+            self.monitor.log({"train/nonfinite_steps": float(self.state.nonfinite_steps)}, step=step)
+            raise
 
     def log_metrics(self, losses: dict[str, float], interval: "Interval") -> None:
         """Collective (all ranks): rank-averaged loss, data-wait fraction and model metrics (the
@@ -165,6 +206,7 @@ class Trainer:
             "data/wait_frac": packed[1].item(),
             "data/epoch": self.loader.epoch,
             "data/corrupt_samples": float(self.loader.corrupt),
+            "train/nonfinite_steps": float(self.state.nonfinite_steps),
             **{k: packed[2 + i].item() for i, k in enumerate(names)},
         }
         if self.cfg.model.arch == Arch.flip:  # which phase the last step ran in
@@ -211,17 +253,18 @@ class Trainer:
         client_state = {"train_state": asdict(self.state), "config": self.config_dict}
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, self.checkpoint_files)
-        self.saved_step = self.state.step
+        self.saved_step = self.checkpoint_step = self.state.step
         log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
 
     def maybe_resume(self) -> None:
-        path = resolve_resume(self.cfg.checkpoint.resume, self.checkpointer.root)
+        path = self.checkpointer.resolve(self.cfg.checkpoint.resume)  # collective: every rank loads the same one
         if path is None:
             return
         client_state, rank_state = self.checkpointer.load(self.engine, path)
         self.state = TrainState(**client_state["train_state"])
         self.loader.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
+        self.checkpoint_step = self.state.step
         log.info("resumed from %s at step %d", path, self.state.step)
 
     # -- end --------------------------------------------------------------------------------------
@@ -238,12 +281,16 @@ class Trainer:
                 json.dump(summary, f, indent=1)
         return summary
 
-    def close(self, finished: bool = True) -> None:
-        """Release workers, W&B and the process group. After a failure, no collective: the other
-        ranks may be blocked in a different one, and this rank must exit so torchrun stops them."""
+    def close(self, finished: bool = True, together: Optional[bool] = None) -> None:
+        """Release workers, W&B (a run not ``finished`` shows as failed) and the process group.
+        ``together`` (default: ``finished``): every rank came here at the same step, so a barrier is
+        safe and lets rank 0 finish writing W&B before torchrun sees the others exit. After a crash, no
+        collective: the other ranks may be blocked in a different one, and this rank must exit so
+        torchrun stops them."""
         self.loader.close()
+        self.uid_log.close()
         self.monitor.close(finished)
-        if finished and dist.is_initialized():
+        if (finished if together is None else together) and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
 

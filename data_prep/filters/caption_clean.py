@@ -20,7 +20,7 @@ from data_prep.filters.base import Filter, Measures, Reject
 from data_prep.filters.caption_length import CJK
 from data_prep.sources.base import Sample
 
-_HTML_TAG = re.compile(r"<!--.*?-->|<(/?)([A-Za-z][A-Za-z0-9]*)\b[^<>]*>", re.S)
+_HTML_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\b[^<>]*>")
 # Tags that end a line or a cell: replaced by a space so "a<br>b" does not become "ab".
 _BLOCK_TAGS = frozenset("br p div li ul ol tr td th table h1 h2 h3 h4 h5 h6 hr blockquote section".split())
 _URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"']+", re.I)
@@ -28,10 +28,28 @@ _WORD = re.compile(r"\w+")
 
 
 def strip_html(text: str) -> str:
-    """``text`` without HTML tags and comments, with entities (``&amp;``, ``&#233;``) decoded."""
-    def tag(m: re.Match) -> str:
-        return " " if (m.group(2) or "").lower() in _BLOCK_TAGS else ""
-    return html.unescape(_HTML_TAG.sub(tag, text))
+    """``text`` without HTML tags and comments, with entities (``&amp;``, ``&#233;``) decoded.
+
+    A scan from ``<`` to ``<`` in linear time, where the regex ``<!--.*?-->|<tag...>`` it replaces
+    took quadratic time on unclosed comments: 64 KB of ``<!--`` took 17 s, a 1 MB caption hours."""
+    out, i, j = [], 0, text.find("<")
+    comments = True  # False once a "<!--" has no "-->" after it: then no later one has either
+    while j != -1:
+        end, repl = -1, ""
+        if comments and text.startswith("<!--", j):
+            close = text.find("-->", j + 4)
+            comments = close != -1
+            end = close + 3 if comments else -1
+        if end == -1 and (m := _HTML_TAG.match(text, j)):
+            end, repl = m.end(), " " if m.group(2).lower() in _BLOCK_TAGS else ""
+        if end == -1:
+            j = text.find("<", j + 1)
+            continue
+        out += (text[i:j], repl)
+        i = end
+        j = text.find("<", i)
+    out.append(text[i:])
+    return html.unescape("".join(out))
 
 
 def strip_urls(text: str) -> str:

@@ -22,6 +22,21 @@ REQUIRED_META = ("width", "height", "original_width", "original_height", "lang")
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def text_id(name: str) -> str:
+    """``name`` as valid UTF-8 text, for ids and reasons: Python decodes undecodable bytes of file and
+    member names to lone surrogates, which parquet and UTF-8 json cannot hold; they become ``\\xNN``."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def is_text(value: str) -> bool:
+    """True when ``value`` holds no lone surrogates (undecodable input bytes), so it can be stored as UTF-8."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class SourceError(PrepError):
     """A source that cannot be read (missing root, malformed files); the message says how to fix it."""
 

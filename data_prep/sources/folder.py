@@ -8,13 +8,15 @@ keep the sample.
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_prep.sources.base import REQUIRED_META, Rejected, Sample, Source, SourceConfig
+from data_prep.sources.base import REQUIRED_META, Rejected, Sample, Source, SourceConfig, is_text, text_id
 
 IMAGE_EXTS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif"})
+MAX_CAPTION_BYTES = 1 << 20  # a larger sidecar is no caption (and must not be read into memory)
 
 
 @dataclass
@@ -41,7 +43,14 @@ def list_images(root: Path) -> list[str]:
 
 def read_sidecar(path: Path, first_line: bool = False) -> str:
     """The caption text, stripped (or its first non-empty line). Bytes that are not UTF-8 survive as
-    surrogates so the caption stage rejects them by name instead of this reader crashing."""
+    surrogates so the caption stage rejects them by name instead of this reader crashing. Raises
+    ``ValueError`` for a sidecar that is not a regular file (a FIFO would block the read for ever,
+    /dev/zero never end) or is over ``MAX_CAPTION_BYTES``."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):  # a folder: IsADirectoryError below
+        raise ValueError(f"{path.name} is not a regular file")
+    if st.st_size > MAX_CAPTION_BYTES:
+        raise ValueError(f"{path.name} has {st.st_size} bytes > {MAX_CAPTION_BYTES}")
     text = path.read_bytes().decode("utf-8", errors="surrogateescape").lstrip("\ufeff")
     if first_line:
         return next((line.strip() for line in text.splitlines() if line.strip()), "")
@@ -63,6 +72,10 @@ class Folder(Source):
 
     def iter_range(self, start: int, stop: int) -> Iterator[Sample | Rejected]:
         for rel in self.images[start:stop]:
+            if not is_text(rel) or not is_text(str(self.root)):  # ids and urls are stored as UTF-8 text
+                yield Rejected(uid=self.uid(text_id(rel)), source=self.label, source_id=text_id(rel),
+                               reason=f"bad_name: {text_id(rel)!r} is not UTF-8; rename the file")
+                continue
             uid = self.uid(rel)
             path = self.root / rel
             sidecar = path.with_name(f"{path.stem}.{self.cfg.caption_ext}")
@@ -70,6 +83,9 @@ class Folder(Source):
                 caption = read_sidecar(sidecar, self.cfg.caption_first_line)
             except (FileNotFoundError, IsADirectoryError):
                 yield Rejected(uid=uid, source=self.label, source_id=rel, reason="no_caption")
+                continue
+            except (OSError, ValueError) as e:  # unreadable (permissions), not a file, too large
+                yield Rejected(uid=uid, source=self.label, source_id=rel, reason=f"bad_caption_file: {e}")
                 continue
             yield Sample(uid=uid, source=self.label, source_id=rel, image=None, image_ext="", caption=caption,
                          meta=dict.fromkeys(REQUIRED_META), url=str(path))

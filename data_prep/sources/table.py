@@ -5,10 +5,18 @@ and cuts it into chunk files ``work_dir/<label>/chunk-NNNNNN.parquet`` of at mos
 ``read`` turns one chunk into samples whose image is fetched later from ``url``.
 
 Chunk columns: ``row`` (the 0-based index among parseable rows: ``source_id``; for a bad row, its
-1-based line number in a JSONL file or record number in a CSV file, the header being record 1), ``url`` and ``caption`` as raw UTF-8 bytes (so undecodable bytes
-survive as surrogates and the caption stage rejects them by name), ``meta`` (the ``keep_columns`` as
-one JSON object, since CSV/JSONL give no stable column types) and ``bad_row`` (why a row could not
-be parsed; null for good rows).
+1-based line number in a JSONL file or record number in a CSV file, the header being record 1),
+``url`` and ``caption`` as raw UTF-8 bytes (so undecodable bytes survive as surrogates and the
+caption stage rejects them by name; a url that is not UTF-8 is rejected as ``bad_url``), ``meta``
+(the ``keep_columns`` as one JSON object, since CSV/JSONL give no stable column types) and
+``bad_row`` (why a row could not be parsed; null for good rows).
+
+Damage never crashes a build: a file that is not a readable table at all is a ``SourceError``
+naming it; a table damaged part-way (cut gzip, corrupt row group, unterminated quote) keeps the rows
+before the damage plus one ``bad_row`` saying the rest was skipped. Known limit: in CSV/TSV, a row
+with the wrong number of fields *and* bytes that are not UTF-8 cannot be handed to pyarrow's
+invalid-row callback, so it counts as such damage (in the first 64 KiB: a ``SourceError`` naming
+the row; later: the rest of the table is skipped).
 """
 from __future__ import annotations
 
@@ -30,7 +38,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from data_prep.atomic import atomic_write
-from data_prep.sources.base import REQUIRED_META, Rejected, Sample, Source, SourceConfig, SourceError
+from data_prep.sources.base import REQUIRED_META, Rejected, Sample, Source, SourceConfig, SourceError, is_text, text_id
 
 FORMATS = ("auto", "parquet", "csv", "tsv", "jsonl")
 _SUFFIX_FORMAT = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv",
@@ -38,6 +46,12 @@ _SUFFIX_FORMAT = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".tsv"
 CHUNK_SCHEMA = pa.schema([("row", pa.int64()), ("url", pa.binary()), ("caption", pa.binary()),
                           ("meta", pa.string()), ("bad_row", pa.string())])
 _BATCH_ROWS = 8192  # rows per record batch while streaming: bounds memory, independent of table size
+# JSON nesting beyond which a block skips pyarrow's parser: it recurses per level and a line of
+# 100k "[" overflows the C stack (the process dies); json.loads raises RecursionError instead.
+MAX_JSON_DEPTH = 1000
+_OPENERS_ONLY = bytes.maketrans(b"{", b"[")  # with _NOT_OPENERS deleted: "[" per opener, "\n" per line
+_NOT_OPENERS = bytes(b for b in range(256) if b not in b"[{\n")
+_UNREADABLE = (pa.ArrowInvalid, OSError, EOFError, zlib.error)  # a damaged or foreign file, or a cut download
 _URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # http(s)://, file://, s3://: left as given
 Batches = Iterator[pa.RecordBatch]  # in CHUNK_SCHEMA
 
@@ -144,13 +158,20 @@ def _check_columns(have: list[str], cfg: TableConfig, where: Path) -> None:
 
 
 def _read_parquet(path: Path, cfg: TableConfig) -> Batches:
-    pf = pq.ParquetFile(path)
+    try:
+        pf = pq.ParquetFile(path)
+    except _UNREADABLE as e:
+        raise SourceError(f"{path}: not a readable parquet table ({type(e).__name__}: {e}); check the file "
+                          "or set format to the table's real format") from e
     _check_columns(pf.schema_arrow.names, cfg, path)
     cols = list(dict.fromkeys([cfg.url_col, cfg.caption_col, *cfg.keep_columns]))
     row = 0
-    for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=cols):
-        yield _good(batch, cfg, row)
-        row += batch.num_rows
+    try:
+        for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=cols):
+            yield _good(batch, cfg, row)
+            row += batch.num_rows
+    except _UNREADABLE as e:  # a damaged row group: what came before it is still good
+        yield _bad([(-1, f"bad_row: unreadable after {row} rows, rest of the table skipped: {type(e).__name__}: {e}")])
 
 
 def _read_csv(path: Path, cfg: TableConfig, delimiter: str) -> Batches:
@@ -159,7 +180,7 @@ def _read_csv(path: Path, cfg: TableConfig, delimiter: str) -> Batches:
     try:  # the header (and a first block to infer from), for the column check
         head = pcsv.open_csv(str(path), read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 16),
                              parse_options=pcsv.ParseOptions(**parse, invalid_row_handler=lambda r: "skip"))
-    except pa.ArrowInvalid as e:
+    except _UNREADABLE as e:
         raise SourceError(f"{path}: not a readable {'CSV' if delimiter == ',' else 'TSV'} table: {e}") from e
     _check_columns(head.schema.names, cfg, path)
     bad: list[tuple[int, str]] = []
@@ -170,20 +191,20 @@ def _read_csv(path: Path, cfg: TableConfig, delimiter: str) -> Batches:
         return "skip"
 
     cols = list(dict.fromkeys([cfg.url_col, cfg.caption_col, *cfg.keep_columns]))
-    reader = pcsv.open_csv(
-        str(path), read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
-        parse_options=pcsv.ParseOptions(**parse, invalid_row_handler=on_invalid),
-        # Everything as bytes: no type guessed from the first block can fail on a later one, and
-        # invalid UTF-8 does not abort the stream.
-        convert_options=pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.binary() for c in cols}))
     row = 0
-    try:
+    try:  # opening parses the first block too, which may hold damage the smaller head block did not
+        reader = pcsv.open_csv(
+            str(path), read_options=pcsv.ReadOptions(use_threads=False, block_size=1 << 20),
+            parse_options=pcsv.ParseOptions(**parse, invalid_row_handler=on_invalid),
+            # Everything as bytes: no type guessed from the first block can fail on a later one, and
+            # invalid UTF-8 does not abort the stream.
+            convert_options=pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.binary() for c in cols}))
         for batch in reader:
             yield _good(batch, cfg, row)
             row += batch.num_rows
             yield _bad(bad)
             bad.clear()
-    except pa.ArrowInvalid as e:  # e.g. an unterminated quote: nothing after it can be trusted
+    except _UNREADABLE as e:  # e.g. an unterminated quote or a damaged gzip: nothing after it can be trusted
         bad.append((-1, f"bad_row: unreadable after {row} rows, rest of the table skipped: {e}"))
     yield _bad(bad)
 
@@ -215,9 +236,18 @@ def _jsonl_blocks(f: Any, size: int = 8 << 20) -> Iterator[tuple[int, bytes]]:
         yield cut()
 
 
+def _may_nest_deeply(block: bytes) -> bool:
+    """True when some line of ``block`` opens ``MAX_JSON_DEPTH`` brackets or braces (an upper bound
+    on its nesting), found at C speed: the openers of each line are kept, as "[", the rest dropped."""
+    return b"[" * MAX_JSON_DEPTH in block.translate(_OPENERS_ONLY, _NOT_OPENERS)
+
+
 def _jsonl_fast(block: bytes, cfg: TableConfig) -> pa.Table | None:
     """The block parsed by pyarrow, or None when some line needs the careful path: pyarrow fails a
-    whole block on one bad line and silently replaces invalid UTF-8, which must reach the caption stage."""
+    whole block on one bad line, silently replaces invalid UTF-8, which must reach the caption stage,
+    and crashes the process on very deep nesting."""
+    if _may_nest_deeply(block):
+        return None
     try:
         block.decode("utf-8")
         schema = pa.schema([(cfg.url_col, pa.string()), (cfg.caption_col, pa.string())])
@@ -240,6 +270,9 @@ def _jsonl_careful(block: bytes, first_line: int, first_row: int, cfg: TableConf
         except ValueError as e:
             bad.append((number, f"bad_row: line {number} is not JSON: {e}"))
             continue
+        except RecursionError:
+            bad.append((number, f"bad_row: line {number} is JSON nested too deeply"))
+            continue
         if not isinstance(rec, dict):
             bad.append((number, f"bad_row: line {number} is a JSON {type(rec).__name__}, not an object"))
             continue
@@ -255,7 +288,7 @@ def _jsonl_careful(block: bytes, first_line: int, first_row: int, cfg: TableConf
 def _first_keys(block: bytes) -> list[str] | None:
     """Keys of the first JSON object in ``block`` (None if it has none)."""
     for line in block.split(b"\n"):
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             rec = json.loads(line.decode("utf-8", "surrogateescape"))
             if isinstance(rec, dict):
                 return list(rec)
@@ -283,7 +316,7 @@ def _read_jsonl(path: Path, cfg: TableConfig, gz: bool) -> Batches:
                     yield batch if table is None else _good(batch, cfg, row)
                     row += batch.num_rows
                 yield _bad(bad)
-        except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt gzip
+        except _UNREADABLE as e:  # truncated or corrupt gzip
             yield _bad([(last + 1, f"bad_row: unreadable after line {last}, rest of the table skipped: {e}")])
 
 
@@ -344,8 +377,12 @@ class Table(Source):
             path = self.root
             if self.gzipped:  # parquet needs random access: unpack once, streaming, beside the chunks
                 path = work_dir / self.label / "input.parquet"
-                with gzip.open(self.root, "rb") as src, atomic_write(path) as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
+                try:
+                    with gzip.open(self.root, "rb") as src, atomic_write(path) as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                except _UNREADABLE as e:  # a cut or corrupt download: parquet needs the whole file
+                    raise SourceError(f"{self.root}: cannot unpack the gzipped parquet table ({type(e).__name__}: {e}); "
+                                      "download it again") from e
             return _read_parquet(path, cfg)
         if self.format == "jsonl":
             return _read_jsonl(self.root, cfg, self.gzipped)
@@ -408,6 +445,9 @@ class Table(Source):
         url = (r["url"] or b"").decode("utf-8", "surrogateescape").strip()
         if not url:
             return Rejected(uid=uid, source=self.label, source_id=source_id, reason="no_url")
+        if not is_text(url):  # the decisions table (and the shard json) store the url as UTF-8 text
+            return Rejected(uid=uid, source=self.label, source_id=source_id,
+                            reason=f"bad_url: {text_id(url)[:100]!r} is not UTF-8 text")
         if r["caption"] is None:
             return Rejected(uid=uid, source=self.label, source_id=source_id, reason="no_caption")
         meta: dict[str, Any] = dict.fromkeys(REQUIRED_META)

@@ -16,6 +16,7 @@ from pretrain.config import DataConfig
 from pretrain.data.stream import Cursor, ShardStream
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.transforms import image_transform
+from pretrain.preemption import shield_worker
 
 STATE_VERSION = 1
 
@@ -61,12 +62,12 @@ class TrainLoader:
         # would shift the model's random numbers (FLIP's masks) in a resumed run, whose loader
         # starts at a different point of the RNG stream than the uninterrupted run's did.
         loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
-                            prefetch_factor=4 if self.cfg.num_workers else None,
+                            prefetch_factor=4 if self.cfg.num_workers else None, worker_init_fn=shield_worker,
                             generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
         self._iter = iter(loader)
 
-    def next(self) -> dict[str, torch.Tensor]:
-        """The next batch: images (B, 3, H, W) float32, tokens (B, L) int64."""
+    def next(self) -> dict[str, Any]:
+        """The next batch: images (B, 3, H, W) float32, tokens (B, L) int64, uids (B strings)."""
         if self._iter is None:
             self._start()
         t0 = time.perf_counter()
@@ -75,7 +76,7 @@ class TrainLoader:
         self.cursors[int(batch["slot"])] = Cursor(*(int(x) for x in batch["cursor"]))
         self.corrupt += int(batch["corrupt"])
         self.batches += 1
-        return {"images": batch["images"], "tokens": batch["tokens"]}
+        return {"images": batch["images"], "tokens": batch["tokens"], "uids": batch["uids"]}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,14 @@ consumer thus gets exactly the same number of samples per epoch whatever the sha
 shards than consumers included), and streams are endless (epoch follows epoch), so no rank ever
 waits for another or runs out of batches mid-step.
 
+Damaged data. When the stream is built, every shard whose file is missing or whose size differs from
+the manifest's (truncated, replaced, a failed copy) is left out of the plan with a warning naming it;
+every rank sees the same files, so all agree on the plan and balance stays exact. Damage the size
+check cannot see (same-size garbage, corrupt samples) is found while reading: those samples are
+skipped, logged (capped) and counted in each batch's ``corrupt``; the consumer that met them yields
+fewer samples that epoch, but streams are endless, so ranks still never wait on each other. Shard
+bytes are parsed by :mod:`pretrain.data.shard_samples`, which never unpickles anything.
+
 Position. Consumer c's stream is a pure function of (seed, epoch, c): its position is a
 :class:`Cursor` (epoch, samples emitted that epoch, corrupt ones included). Resuming replays that
 epoch's raw stream to the cursor without decoding any image, then continues: the batches after a
@@ -17,23 +25,27 @@ from __future__ import annotations
 
 import logging
 import random
-import tarfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data_prep.manifest import Manifest
+from data_prep.manifest import Manifest, ShardInfo
+from pretrain.data.shard_samples import IMAGE_KEYS, parse_sample, parse_sample_with_uid, read_tar
 from pretrain.data.tokenizer import Tokenizer
-from pretrain.data.transforms import decode_image
 
 log = logging.getLogger(__name__)
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
-MAX_LOGGED_ERRORS = 20  # per consumer: enough to diagnose, not enough to flood a long run's log
+ShardErrorSink = Callable[[str, int], None]  # (message naming the shard, samples of its range lost)
+
+__all__ = ["IMAGE_KEYS", "Cursor", "ShardStream", "check_shards", "consumer_ranges", "parse_sample", "read_tar"]
+
+MAX_LOGGED_ERRORS = 20  # per consumer and kind: enough to diagnose, not enough to flood a long run's log
+# A consumer whose range lay inside one bad shard may read nothing one epoch (the order changes every
+# epoch); nothing usable this many epochs in a row means the data is broken: fail rather than spin.
+MAX_EMPTY_EPOCHS = 3
 
 
 @dataclass
@@ -55,30 +67,10 @@ def consumer_ranges(counts: list[int], consumer: int, consumers: int) -> list[tu
     out, begin = [], 0
     for i, n in enumerate(counts):
         end = begin + n
-        if end > lo and begin < hi:
+        if n and end > lo and begin < hi:  # an empty shard is never opened
             out.append((i, max(lo, begin) - begin, min(hi, end) - begin))
         begin = end
     return out
-
-
-def read_tar(path: str, start: int, stop: int, on_error: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """Raw samples [start, stop) of one shard as webdataset dicts (bytes, nothing decoded).
-    A truncated or unreadable shard ends early and is reported, never raised. (``tarfile`` stops
-    silently when a file is cut inside a header, so a shard ending short of ``stop`` is reported too.)"""
-    read = 0
-    try:
-        with open(path, "rb") as f:
-            files = ({**member, "__url__": path} for member in tar_file_iterator(f))  # group_by_keys wants the url
-            for read, sample in enumerate(group_by_keys(files), start=1):
-                if read > start:
-                    yield sample
-                if read >= stop:
-                    return
-    except (OSError, tarfile.TarError, ValueError) as e:
-        on_error(f"shard {path} is truncated or unreadable after {read} samples: {type(e).__name__}: {e}")
-        return
-    if read < stop:
-        on_error(f"shard {path} is truncated or unreadable: it ended after {read} of {stop} samples")
 
 
 def buffered_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
@@ -98,25 +90,30 @@ def buffered_shuffle(items: Iterator[Any], size: int, rng: random.Random) -> Ite
     yield from buf
 
 
-def parse_sample(raw: dict[str, Any], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str]:
-    """webdataset dict -> (image (3, H, W), caption); raises ValueError naming what is wrong."""
-    key = raw.get("__key__", "?")
-    ext = next((k for k in IMAGE_KEYS if k in raw), None)
-    if ext is None:
-        raise ValueError(f"sample {key} has no image (expected one of {IMAGE_KEYS})")
-    if "txt" not in raw:
-        raise ValueError(f"sample {key} has no caption (.txt)")
-    try:
-        caption = raw["txt"].decode("utf-8").strip()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"sample {key} caption is not UTF-8: {e}") from e
-    if not caption:
-        raise ValueError(f"sample {key} caption is empty")
-    try:
-        image = decode_image(raw[ext])
-    except Exception as e:  # PIL raises many types on corrupt data
-        raise ValueError(f"sample {key} image is corrupt: {type(e).__name__}: {e}") from e
-    return transform(image), caption
+def check_shards(manifest: Manifest) -> tuple[list[ShardInfo], list[str]]:
+    """The shards worth reading (file present, size as listed), and one message per shard left out.
+
+    A stat per shard, not a sha256: hashing every shard on every rank at every start would cost a
+    full read of the dataset; same-size damage is caught while reading instead."""
+    usable: list[ShardInfo] = []
+    problems: list[str] = []
+    for shard in manifest.shards:
+        if shard.samples == 0:
+            continue  # an empty shard is valid and holds nothing to read
+        path = manifest.shard_path(shard)
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            problems.append(f"shard {path} is listed in the manifest but cannot be read ({e.strerror}): its "
+                            f"{shard.samples} samples are skipped; restore the file or rebuild the manifest")
+            continue
+        if size != shard.bytes:
+            problems.append(f"shard {path} has {size} bytes but the manifest lists {shard.bytes} (truncated or "
+                            f"replaced since it was written?): its {shard.samples} samples are skipped; re-copy "
+                            f"the shard, or re-index the folder with `python -m data_prep index --force`")
+            continue
+        usable.append(shard)
+    return usable, problems
 
 
 class ShardStream(IterableDataset):
@@ -124,6 +121,7 @@ class ShardStream(IterableDataset):
 
     ``slot_offset`` rotates worker ids onto slots so that after a resume the DataLoader's first
     worker serves the slot whose batch is next (DataLoader takes batches from workers round-robin).
+    Shards are checked once here, in the rank's main process, so its workers share one plan.
     """
 
     def __init__(self, manifest: Manifest, tokenizer: Tokenizer, transform: Callable[[Image.Image], torch.Tensor],
@@ -134,6 +132,16 @@ class ShardStream(IterableDataset):
         self.workers, self.seed, self.shuffle_buffer = max(1, workers), seed, shuffle_buffer
         self.cursors = dict(cursors or {})
         self.slot_offset = slot_offset
+        self.shards, self.skipped_shards = check_shards(manifest)
+        for problem in self.skipped_shards:
+            log.warning("data: %s", problem)
+        usable = sum(s.samples for s in self.shards)
+        if usable < self.consumers:
+            raise ValueError(
+                f"dataset {manifest.root} has {usable} samples in readable shards ({len(self.skipped_shards)} of "
+                f"{len(manifest.shards)} shards skipped, see the warnings above), fewer than ranks x workers = "
+                f"{self.consumers}: repair the shards, lower data.num_workers, or use more data"
+            )
 
     @property
     def consumers(self) -> int:
@@ -144,61 +152,83 @@ class ShardStream(IterableDataset):
         slot = ((info.id if info else 0) + self.slot_offset) % self.workers
         return self._batches(slot, self.cursors.get(slot, Cursor()))
 
-    def raw_epoch(self, consumer: int, epoch: int, on_error: Callable[[str], None]) -> Iterator[dict[str, Any]]:
+    def raw_epoch(self, consumer: int, epoch: int, on_error: ShardErrorSink) -> Iterator[dict[str, Any]]:
         """Consumer's raw samples of one epoch, shuffled; deterministic in (seed, epoch, consumer)."""
-        shards = self.manifest.shards
+        shards = self.shards
         order = shard_order(len(shards), self.seed, epoch)
         ranges = consumer_ranges([shards[i].samples for i in order], consumer, self.consumers)
 
         def read() -> Iterator[dict[str, Any]]:
             for pos, start, stop in ranges:
-                yield from read_tar(str(self.manifest.shard_path(shards[order[pos]])), start, stop, on_error)
+                problems: list[str] = []
+                got = 0
+                for sample in read_tar(str(self.manifest.shard_path(shards[order[pos]])), start, stop, problems.append):
+                    got += 1
+                    yield sample
+                if problems:  # read_tar reports once, when the shard ends early
+                    on_error("; ".join(problems), stop - start - got)
 
         rng = random.Random(f"{self.seed}/{epoch}/{consumer}")
         return buffered_shuffle(read(), self.shuffle_buffer, rng)
 
     def _batches(self, slot: int, cursor: Cursor) -> Iterator[dict[str, Any]]:
         consumer = self.rank * self.workers + slot
-        errors = 0
+        lost = 0  # samples skipped since the last batch: corrupt ones and those of unreadable shard ranges
+        logged = {"sample": 0, "shard": 0}
+        replay_until = received = 0  # resuming: raw samples to replay undecoded / raw samples received
 
-        def on_error(message: str) -> None:
-            nonlocal errors
-            errors += 1
-            if errors <= MAX_LOGGED_ERRORS:
-                log.warning("data: skipped (%s)", message)
+        def report(kind: str, message: str) -> None:
+            logged[kind] += 1
+            if logged[kind] <= MAX_LOGGED_ERRORS:
+                log.warning("data: consumer %d skipped %s", consumer, message)
+            if logged[kind] == MAX_LOGGED_ERRORS:
+                log.warning("data: consumer %d logs no more %s errors; data/corrupt_samples still counts them",
+                            consumer, kind)
+
+        def on_shard_error(message: str, samples: int) -> None:
+            nonlocal lost
+            # Met before the resume cursor: the run that saved the cursor counted these already.
+            if received >= replay_until:
+                lost += samples
+            report("shard", f"{samples} sample(s): {message}")
 
         images: list[torch.Tensor] = []
         captions: list[str] = []
-        corrupt_since_batch = 0
+        uids: list[str] = []
         cursor = Cursor(cursor.epoch, cursor.offset)
+        empty_epochs = 0
         while True:
-            skip, good = cursor.offset, 0
-            for i, raw in enumerate(self.raw_epoch(consumer, cursor.epoch, on_error)):
-                if i < skip:  # resuming: replay without decoding
+            replay_until, received, good = cursor.offset, 0, 0
+            for raw in self.raw_epoch(consumer, cursor.epoch, on_shard_error):
+                received += 1
+                if received <= replay_until:  # resuming: replay without decoding
                     continue
                 cursor.offset += 1
                 try:
-                    image, caption = parse_sample(raw, self.transform)
+                    image, caption, uid = parse_sample_with_uid(raw, self.transform)
                 except ValueError as e:
-                    corrupt_since_batch += 1
-                    on_error(str(e))
+                    lost += 1
+                    report("sample", str(e))
                     continue
                 good += 1
                 images.append(image)
                 captions.append(caption)
+                uids.append(uid)
                 if len(images) == self.batch_size:
                     yield {
                         "images": torch.stack(images),  # (B, 3, H, W)
                         "tokens": self.tokenizer(captions),  # (B, L)
+                        "uids": uids,  # B sample uids, for logs and data-order checks
                         "slot": slot,
                         "cursor": (cursor.epoch, cursor.offset),
-                        "corrupt": corrupt_since_batch,
+                        "corrupt": lost,
                     }
-                    images, captions, corrupt_since_batch = [], [], 0
-            if skip == 0 and good == 0:
+                    images, captions, uids, lost = [], [], [], 0
+            empty_epochs = empty_epochs + 1 if replay_until == 0 and good == 0 else 0
+            if empty_epochs >= MAX_EMPTY_EPOCHS:
                 raise RuntimeError(
-                    f"data: consumer {consumer} read no usable sample in a whole epoch of "
-                    f"{self.manifest.root} (all shards unreadable or every sample corrupt?)"
+                    f"data: consumer {consumer} read no usable sample in {empty_epochs} epochs in a row of "
+                    f"{self.manifest.root}: its shards are unreadable or every sample is corrupt (see the "
+                    f"warnings above); repair or re-index the shards"
                 )
             cursor = Cursor(cursor.epoch + 1, 0)
-

@@ -6,38 +6,12 @@ import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
 from data_prep.build import build_from_overrides
 from tests.data_prep.fingerprint import BASE, fingerprint
-
-
-def start(out: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "data_prep", "build", f"out_dir={out}", *BASE, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "TQDM_DISABLE": "1"})
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 120) -> bool:
-    """SIGKILL ``proc`` (and its worker processes) as soon as ``ready()``; False if it ended first."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            return False
-        if ready():
-            proc.kill()
-            proc.wait()
-            return True
-        time.sleep(0.01)
-    proc.kill()
-    raise AssertionError("build neither finished nor reached the kill point in time")
-
-
-def done_units(out: Path) -> int:
-    return len(list((out / ".work" / "units").glob("*/DONE")))
+from tests.data_prep.kill import done_units, kill_when, start
 
 
 @pytest.fixture(scope="module")

@@ -60,6 +60,9 @@ def test_defaults_whole_nodes_and_port_from_job_id(tmp_path: Path) -> None:
     assert f"{sys.executable} -m torch.distributed.run" in script  # no container: this interpreter
     no_signal = render_script(compose_train_config(["launcher=slurm", "launcher.signal_seconds=0"]), [], workdir=tmp_path)
     assert "--signal" not in no_signal and "--requeue" not in no_signal and "trap forward" not in no_signal
+    assert "--max-restarts" not in script and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=" in script
+    restarts = render_script(compose_train_config(["launcher=slurm", "launcher.max_restarts=3"]), [], workdir=tmp_path)
+    assert '--rdzv_id="$SLURM_JOB_ID" --max-restarts=3' in restarts
 
 
 def test_dry_run_prints_the_script_writes_nothing_and_keeps_secrets_out(tmp_path: Path) -> None:

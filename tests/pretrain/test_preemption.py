@@ -1,6 +1,7 @@
-"""Signals stop training safely: ``kill -USR1`` of one rank of a local 2-rank torchrun run makes
-both ranks checkpoint at the current step and exit 0; a rerun resumes there and finishes with
-every step trained exactly once."""
+"""Signals stop training safely: ``kill -USR1`` of one rank of a local 2-rank torchrun run, or
+SIGTERM to every process of both ranks (loader workers included, as Slurm sends it), makes both
+ranks checkpoint at the current step and exit 0; a rerun resumes there and finishes with every
+step trained exactly once."""
 from __future__ import annotations
 
 import json
@@ -14,9 +15,11 @@ import psutil
 import pytest
 import torch
 
+from torch.utils.data import DataLoader, IterableDataset
+
 from launch.local import rank_env, torchrun_command
 from pretrain.checkpoint import complete_checkpoints, step_of
-from pretrain.preemption import Preemption
+from pretrain.preemption import Preemption, shield_worker
 
 STEPS = 40
 
@@ -34,33 +37,57 @@ def logged_steps(run_dir: Path) -> list[int]:
 
 
 def rank_pids(torchrun: subprocess.Popen) -> dict[int, int]:
-    """RANK -> pid of torchrun's worker processes (they run in their own sessions)."""
+    """RANK -> pid of torchrun's worker processes (its direct children; each leads its own session,
+    which holds its loader workers)."""
     found = {}
-    for child in psutil.Process(torchrun.pid).children(recursive=True):
+    for child in psutil.Process(torchrun.pid).children():
         try:
             env = child.environ()
         except (psutil.AccessDenied, psutil.NoSuchProcess):
             continue
         if "RANK" in env and "pretrain.train" in " ".join(child.cmdline()):
-            found.setdefault(int(env["RANK"]), child.pid)  # the rank itself, not its loader workers
+            found[int(env["RANK"])] = child.pid
     return found
 
 
-def test_usr1_on_one_rank_checkpoints_and_a_rerun_resumes(small_build, tmp_path: Path) -> None:
+def signal_like_slurm(pids: dict[int, int], sig: signal.Signals) -> None:
+    """``sig`` to every process of every rank, as slurmstepd does: each rank's process group."""
+    for pid in pids.values():
+        assert os.getpgid(pid) == pid, "torchrun starts each rank in its own session"
+        group = [c for c in psutil.Process(pid).children(recursive=True) if os.getpgid(c.pid) == pid]
+        assert any("pt_data_worker" in c.name() or "pretrain.train" in " ".join(c.cmdline()) for c in group), \
+            "the group holds the rank's loader workers"
+    for pid in pids.values():
+        os.killpg(pid, sig)
+
+
+@pytest.mark.parametrize("how", ["usr1_one_rank", "term_every_process"])
+def test_signal_checkpoints_at_the_step_and_a_rerun_resumes(small_build, tmp_path: Path, how: str) -> None:
     run_dir = tmp_path / "run"
     cmd = torchrun_command(2, overrides(run_dir, small_build.out_dir))
-    with subprocess.Popen(cmd, env=rank_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    log = tmp_path / "out.log"  # a file, not a pipe: nobody reads a pipe while this test waits
+    with open(log, "w") as sink, subprocess.Popen(cmd, env=rank_env(2), stdout=sink, stderr=subprocess.STDOUT) as proc:
         deadline = time.monotonic() + 240
         while not complete_checkpoints(run_dir / "checkpoints"):  # mid-training, past the first periodic save
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()[-4000:] if proc.stdout else ""
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(0.2)
         pids = rank_pids(proc)
         assert set(pids) == {0, 1}, pids
-        os.kill(pids[1], signal.SIGUSR1)  # one rank only: the all_reduce stops both at the same step
-        out, _ = proc.communicate(timeout=240)
+        if how == "usr1_one_rank":
+            os.kill(pids[1], signal.SIGUSR1)  # one rank only: the all_reduce stops both at the same step
+        else:
+            # Workers ignore it (pretrain.preemption.shield_worker); before that they died and the
+            # rank failed on its next batch instead of checkpointing.
+            signal_like_slurm(pids, signal.SIGTERM)
+        proc.wait(timeout=240)
+    out = log.read_text()
     assert proc.returncode == 0, out[-5000:]
-    assert "rank1] preemption: SIGUSR1 at step" in out, out[-5000:]
-    assert "rank0] preemption: a signal on another rank at step" in out, out[-5000:]
+    if how == "usr1_one_rank":
+        assert "rank1] preemption: SIGUSR1 at step" in out, out[-5000:]
+        assert "rank0] preemption: a signal on another rank at step" in out, out[-5000:]
+    else:
+        assert "preemption: SIGTERM at step" in out and "DataLoader worker" not in out, out[-5000:]
+        assert "rank0] preemption:" in out and "rank1] preemption:" in out, out[-5000:]
     stopped = step_of(complete_checkpoints(run_dir / "checkpoints")[-1])
     assert 5 <= stopped < STEPS and not (run_dir / "summary.json").exists()
     assert logged_steps(run_dir) == list(range(1, stopped + 1)), "the checkpoint is the step the signal stopped at"
@@ -103,3 +130,20 @@ def test_handler_replaces_an_inherited_ignore(sig: signal.Signals) -> None:
         assert signal.getsignal(sig) == signal.SIG_IGN
     finally:
         signal.signal(sig, previous)
+
+
+class SignalsItself(IterableDataset):
+    """A loader worker that sends itself what Slurm sends every process, then yields its pid."""
+
+    def __iter__(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            os.kill(os.getpid(), sig)
+        yield os.getpid()
+
+
+def test_loader_workers_ignore_the_stop_and_requeue_signals() -> None:
+    """PyTorch's worker handler lets a SIGTERM from anyone but the parent kill the worker, and
+    USR1's default action kills; the shield (the trainer's worker_init_fn) makes both harmless."""
+    loader = DataLoader(SignalsItself(), batch_size=None, num_workers=1, worker_init_fn=shield_worker)
+    (worker,) = list(loader)
+    assert worker != os.getpid()
