@@ -23,14 +23,15 @@ CPU-only filters need no GPU: pass ``launcher.gpus_per_node=0`` (``conf/launcher
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
 from launch import slurm
 from launch.launcher_config import LauncherConfig, LauncherKind
+from launch.local import run_agents
 from pretrain.config import ConfigError
 
 WORKER_KEYS = ("workers.rank", "workers.world")  # set by the launcher: one worker per array task / local worker
@@ -67,50 +68,46 @@ def _prep_config(overrides: list[str]):  # -> data_prep.config.PrepConfig
         raise ConfigError(str(e)) from e
 
 
-def _tqdm_env() -> list[str]:
-    # Progress bars redraw with carriage returns; in a log file one line every 30 s reads better.
-    return ["export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}"]
+def _script(lc: LauncherConfig, out_dir: Path, workdir: Path, about: list[str], sbatch: list[str],
+            echo: str, phase: list[str]) -> str:
+    """One sbatch script: what it is, one task's resources plus ``sbatch`` lines, then one data_prep phase."""
+    srun = ["srun", "--ntasks=1", *slurm.container_flags(lc, workdir)]
+    return "\n".join(["#!/bin/bash",
+                      f"# Rendered by `python -m launch prep` for dataset {out_dir}",
+                      *about,
+                      "",
+                      "# --- resources and limits, per task ---",
+                      *slurm.resource_lines(lc, out_dir.name, workdir, nodes=1),
+                      *sbatch,
+                      "",
+                      "set -eu",
+                      *slurm.export_lines("extra environment (launcher.env)", dict(lc.env)),
+                      # Progress bars redraw with carriage returns; in a log file one line every 30 s reads better.
+                      "export TQDM_MININTERVAL=${TQDM_MININTERVAL:-30}",
+                      f'echo "{echo}, restart ${{SLURM_RESTART_COUNT:-0}}, on $(hostname)"',
+                      " ".join([*srun, shlex.quote(slurm.node_python(lc)), "-m", "data_prep", *phase]),
+                      ""])
 
 
 def render_scripts(lc: LauncherConfig, overrides: list[str], out_dir: Path, workdir: Path) -> dict[str, str]:
     """``{"array.sbatch": ..., "merge.sbatch": ...}`` for ``overrides`` (data_prep's, passed on as given)."""
     sdir = slurm.slurm_dir(out_dir)
-    srun = ["srun", "--ntasks=1", *slurm.container_flags(lc, workdir)]
-    prep = [shlex.quote(slurm.node_python(lc)), "-m", "data_prep"]
     args = " ".join(shlex.quote(o) for o in overrides)
     tasks = lc.nodes
-    array = ["#!/bin/bash",
-             f"# Rendered by `python -m launch prep` for dataset {out_dir}",
-             f"# {tasks} array task(s), each one worker of `data_prep process`; then merge.sbatch (held until all succeed)",
-             "",
-             "# --- resources and limits, per array task ---",
-             *slurm.resource_lines(lc, out_dir.name, workdir, nodes=1),
-             slurm.sbatch_line(f"array=0-{tasks - 1}", "task i processes units i, i+N, i+2N, ..."),
-             slurm.sbatch_line(f"output={sdir}/%A_%a.out"),
-             slurm.sbatch_line("requeue", "preempted: back to the queue; finished units are skipped"),
-             "",
-             "set -eu",
-             *slurm.export_lines("extra environment (launcher.env)", dict(lc.env)), *_tqdm_env(),
-             'echo "task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT (job $SLURM_JOB_ID, '
-             'restart ${SLURM_RESTART_COUNT:-0}) on $(hostname)"',
-             " ".join([*srun, *prep, "process", args, f"workers.rank=$SLURM_ARRAY_TASK_ID workers.world={tasks}"]),
-             ""]
-    merge = ["#!/bin/bash",
-             f"# Rendered by `python -m launch prep` for dataset {out_dir}",
-             "# The merge: shards, manifests, decisions, tokenizer and report from every task's units",
-             "# (submitted with --dependency=afterok:<array job> --kill-on-invalid-dep=yes)",
-             "",
-             "# --- resources and limits ---",
-             *slurm.resource_lines(lc, out_dir.name, workdir, nodes=1),
-             slurm.sbatch_line(f"output={sdir}/%j.out"),
-             slurm.sbatch_line("requeue", "preempted: back to the queue; the merge starts over"),
-             "",
-             "set -eu",
-             *slurm.export_lines("extra environment (launcher.env)", dict(lc.env)), *_tqdm_env(),
-             'echo "merge job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname)"',
-             " ".join([*srun, *prep, "merge", args]),
-             ""]
-    return {"array.sbatch": "\n".join(array), "merge.sbatch": "\n".join(merge)}
+    array = _script(lc, out_dir, workdir,
+                    [f"# {tasks} array task(s), each one worker of `data_prep process`; then merge.sbatch (held until all succeed)"],
+                    [slurm.sbatch_line(f"array=0-{tasks - 1}", "task i processes units i, i+N, i+2N, ..."),
+                     slurm.sbatch_line(f"output={sdir}/%A_%a.out"),
+                     slurm.sbatch_line("requeue", "preempted: back to the queue; finished units are skipped")],
+                    "task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT, job $SLURM_JOB_ID",
+                    ["process", args, f"workers.rank=$SLURM_ARRAY_TASK_ID workers.world={tasks}"])
+    merge = _script(lc, out_dir, workdir,
+                    ["# The merge: shards, manifests, decisions, tokenizer and report from every task's units",
+                     "# (submitted with --dependency=afterok:<array job> --kill-on-invalid-dep=yes)"],
+                    [slurm.sbatch_line(f"output={sdir}/%j.out"),
+                     slurm.sbatch_line("requeue", "preempted: back to the queue; the merge starts over")],
+                    "merge job $SLURM_JOB_ID", ["merge", args])
+    return {"array.sbatch": array, "merge.sbatch": merge}
 
 
 def submit(lc: LauncherConfig, overrides: list[str], cfg, workdir: Path, env: Optional[dict[str, str]] = None) -> int:
@@ -147,13 +144,6 @@ def local_commands(workers: int, overrides: list[str]) -> list[list[str]]:
     return [[*base, f"workers.rank={r}", f"workers.world={workers}"] for r in range(workers)]
 
 
-def run_local(commands: list[list[str]]) -> int:
-    """Run the workers side by side; the first failure's exit code (each worker prints its own error)."""
-    procs = [subprocess.Popen(c) for c in commands]
-    codes = [p.wait() for p in procs]
-    return next((c for c in codes if c != 0), 0)
-
-
 def prep(overrides: list[str], dry_run: bool = False, workdir: Optional[Path] = None) -> int:
     """``python -m launch prep``: validate both configs, then build here or submit to Slurm."""
     launcher_overrides, prep_overrides = split_overrides(overrides)
@@ -165,7 +155,8 @@ def prep(overrides: list[str], dry_run: bool = False, workdir: Optional[Path] = 
         if dry_run:
             print("\n".join(shlex.join(c) for c in commands))
             return 0
-        return run_local(commands)
+        # As torchrun agents: a failing worker stops the others (worker 0 would otherwise wait for its units).
+        return run_agents(commands, dict(os.environ))
     if dry_run:
         scripts = render_scripts(lc, prep_overrides, (workdir / cfg.out_dir).resolve(), workdir)
         sys.stdout.write(scripts["array.sbatch"] + "\n# ===== merge.sbatch =====\n" + scripts["merge.sbatch"])

@@ -201,13 +201,7 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
             self.write_log.fail(path, e)
 
     def save(self, state_dict: dict[str, Any], path: str) -> None:
-        if self.write_log.error is not None:
-            return  # the save has failed already: do not fill the disk further
-        try:
-            super().save(state_dict, path)
-            self.write_log.sizes[path] = os.path.getsize(path)
-        except (OSError, RuntimeError) as e:  # torch's zip writer raises RuntimeError on ENOSPC/EIO
-            self.write_log.fail(path, e)
+        self.write_log.write(Path(path), lambda f: torch.save(state_dict, f, _use_new_zipfile_serialization=self.zipfile_serialization))
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return safe_load(path, allow=self.allow, map_location=map_location)

@@ -22,7 +22,7 @@ from PIL import Image
 from data_prep.manifest import load_manifest
 from data_prep.sources import fashion_mnist
 from pretrain.config import EvalConfig, RetrievalSet, ZeroShotSet
-from pretrain.data.stream import parse_sample, read_tar
+from pretrain.data.shard_samples import parse_sample, read_tar
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.losses import gather_no_grad, world_info
 from pretrain.models import ContrastiveModel
@@ -64,7 +64,7 @@ def load_retrieval(spec: RetrievalSet, transform: Callable[[Image.Image], torch.
     for shard in manifest.shards:
         for raw in read_tar(str(manifest.shard_path(shard)), 0, shard.samples, on_error):
             try:
-                image, caption = parse_sample(raw, transform)
+                image, caption, _ = parse_sample(raw, transform)
             except ValueError as e:
                 skipped += 1
                 on_error(str(e))

@@ -31,6 +31,7 @@ MAX_IMAGE_BYTES = 64 << 20
 MAX_IMAGE_SIDE = 8192
 MAX_UID_CHARS = 256
 
+
 def member_limit(ext: str) -> int:
     return MAX_MEMBER_BYTES.get(ext, MAX_IMAGE_BYTES)
 
@@ -115,14 +116,7 @@ def sample_uid(raw: dict[str, Any], where: str) -> str:
     return uid
 
 
-def parse_sample(raw: dict[str, Any], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str]:
-    """Raw sample -> (image (3, H, W), caption); raises ValueError naming what is wrong."""
-    image, caption, _ = parse_sample_with_uid(raw, transform)
-    return image, caption
-
-
-def parse_sample_with_uid(raw: dict[str, Any],
-                          transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str, str]:
+def parse_sample(raw: dict[str, Any], transform: Callable[[Image.Image], torch.Tensor]) -> tuple[torch.Tensor, str, str]:
     """Raw sample -> (image (3, H, W), caption, uid); raises ValueError naming the sample, its shard
     and what is wrong."""
     where = f"sample {raw.get('__key__', '?')} of {raw.get('__url__', '?')}"

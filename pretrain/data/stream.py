@@ -33,14 +33,14 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_prep.manifest import Manifest, ShardInfo
-from pretrain.data.shard_samples import IMAGE_KEYS, parse_sample, parse_sample_with_uid, read_tar
+from pretrain.data.shard_samples import parse_sample, read_tar
 from pretrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 ShardErrorSink = Callable[[str, int], None]  # (message naming the shard, samples of its range lost)
 
-__all__ = ["IMAGE_KEYS", "Cursor", "ShardStream", "check_shards", "consumer_ranges", "parse_sample", "read_tar"]
+__all__ = ["Cursor", "ShardStream", "check_shards", "consumer_ranges"]
 
 MAX_LOGGED_ERRORS = 20  # per consumer and kind: enough to diagnose, not enough to flood a long run's log
 # A consumer whose range lay inside one bad shard may read nothing one epoch (the order changes every
@@ -205,7 +205,7 @@ class ShardStream(IterableDataset):
                     continue
                 cursor.offset += 1
                 try:
-                    image, caption, uid = parse_sample_with_uid(raw, self.transform)
+                    image, caption, uid = parse_sample(raw, self.transform)
                 except ValueError as e:
                     lost += 1
                     report("sample", str(e))

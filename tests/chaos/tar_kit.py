@@ -9,7 +9,7 @@ from typing import Any
 
 from data_prep.atomic import sha256_file
 from data_prep.manifest import Manifest, ShardInfo, load_manifest
-from pretrain.data.shard_samples import parse_sample_with_uid, read_tar
+from pretrain.data.shard_samples import parse_sample, read_tar
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
@@ -44,7 +44,7 @@ def shard_uids(manifest: Manifest, names: list[str]) -> set[str]:
     uids: set[str] = set()
     for shard in manifest.shards:
         if shard.name in names:
-            uids |= {parse_sample_with_uid(s, transform)[2]
+            uids |= {parse_sample(s, transform)[2]
                      for s in read_tar(str(manifest.shard_path(shard)), 0, shard.samples, _fail)}
     return uids
 

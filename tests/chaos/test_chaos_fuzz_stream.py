@@ -24,7 +24,7 @@ from PIL import Image
 from data_prep.atomic import sha256_file
 from data_prep.manifest import Manifest, ShardInfo
 from pretrain.data import Tokenizer, image_transform
-from pretrain.data.shard_samples import MAX_IMAGE_SIDE, parse_sample_with_uid, read_tar
+from pretrain.data.shard_samples import MAX_IMAGE_SIDE, parse_sample, read_tar
 from pretrain.data.stream import ShardStream
 from tests.chaos.tar_kit import real_samples
 
@@ -114,7 +114,7 @@ def raw_samples(draw: st.DrawFn, seeds: dict[str, list[bytes]]) -> dict:
 def check_parse(raw: dict) -> bool:
     """Parse one raw sample: a normal result, or a ValueError naming the problem. True if usable."""
     try:
-        image, text, uid = parse_sample_with_uid(raw, TRANSFORM)
+        image, text, uid = parse_sample(raw, TRANSFORM)
     except ValueError as e:
         assert str(e), "an error must say what is wrong"
         event(f"skipped: {type(e.__cause__).__name__ if e.__cause__ else 'check'}")  # --hypothesis-show-statistics

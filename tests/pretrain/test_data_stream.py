@@ -17,7 +17,8 @@ from data_prep.atomic import sha256_file
 from data_prep.manifest import Manifest, ManifestError, ShardInfo, load_manifest
 from pretrain.config import DataConfig
 from pretrain.data import TrainLoader, Tokenizer, image_transform
-from pretrain.data.stream import ShardStream, consumer_ranges, read_tar
+from pretrain.data.shard_samples import read_tar
+from pretrain.data.stream import ShardStream, consumer_ranges
 from pretrain.data.tokenizer import EOS_ID
 
 IMAGE_SIZE, CONTEXT = 32, 16
