@@ -136,7 +136,10 @@ class MoeConfig:
     top_k: int = 1
     capacity_factor: float = 1.0  # slots per expert = ceil(capacity_factor * top_k * tokens / experts)
     every: int = 2  # every N-th layer's MLP is an MoE (the last of each group of N); 1: all
-    router_noise_std: float = 0.0
+    # Std of the Gaussian noise on the router logits in training; null: 1/num_experts, V-MoE's and
+    # LIMoE's choice. While the router is nearly flat the noise decides near-ties per token, so a
+    # modality's tokens do not all follow the one offset they share; 0 turns it off.
+    router_noise_std: Optional[float] = None
     router_impl: RouterImpl = RouterImpl.auto
     # Expert parallelism: experts are split over groups of ep_size ranks and tokens travel to them
     # by all-to-all; must divide num_experts and the world size.
@@ -158,8 +161,15 @@ class MoeConfig:
                f"model.moe.ep_size={self.ep_size} must divide model.moe.num_experts={self.num_experts}")
         _check(0 <= self.tau <= math.log(self.num_experts),
                f"model.moe.tau={self.tau} must be in [0, log(num_experts)={math.log(self.num_experts):.3f}]")
-        for name in ("importance_weight", "load_weight", "local_entropy_weight", "global_entropy_weight", "router_noise_std"):
+        for name in ("importance_weight", "load_weight", "local_entropy_weight", "global_entropy_weight"):
             _check(getattr(self, name) >= 0, f"model.moe.{name}={getattr(self, name)} must be >= 0")
+        _check(self.router_noise_std is None or self.router_noise_std >= 0,
+               f"model.moe.router_noise_std={self.router_noise_std} must be >= 0 (or null for 1/num_experts)")
+
+    @property
+    def noise_std(self) -> float:
+        """The router noise std in effect: ``router_noise_std``, or 1/num_experts when unset."""
+        return 1.0 / self.num_experts if self.router_noise_std is None else self.router_noise_std
 
 
 @dataclass

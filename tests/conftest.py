@@ -1,28 +1,35 @@
-"""A small dataset built once per session from the real Debian data (Fashion-MNIST + Tux Paint)."""
+"""A small dataset built once per session from real Debian data: 300 Fashion-MNIST images and a
+Tux Paint stamp folder the tests make (see :func:`tests.stamps.make_stamp_tree`)."""
 from __future__ import annotations
 
 import pytest
 
 from data_prep.build import BuildResult, build_from_overrides
+from tests.stamps import StampTree, make_stamp_tree
 
-# 300 Fashion-MNIST images + the first 170 Tux Paint stamps (animals/ and cartoon/, which include
-# an over-elongated fish and six variants without captions); 100 per shard gives several shards.
+# 163 real stamps every default stage keeps + 7 planted rejections (4 without a caption, an
+# elongated, a tiny and a damaged image): 170 Tux Paint inputs; 100 per shard gives several shards.
+SMALL_PLAIN_STAMPS = 163
 SMALL = [
     "sources.fashion_mnist.limit=300",
-    "sources.tuxpaint.limit=170",
     "samples_per_shard=100",
     "tokenizer.vocab_size=500",
 ]
 
 
 @pytest.fixture(scope="session")
-def small_overrides() -> list[str]:
-    return list(SMALL)
+def small_stamps(tmp_path_factory: pytest.TempPathFactory) -> StampTree:
+    return make_stamp_tree(tmp_path_factory.mktemp("stamps"), SMALL_PLAIN_STAMPS)
 
 
 @pytest.fixture(scope="session")
-def small_build(tmp_path_factory: pytest.TempPathFactory) -> BuildResult:
-    return build_from_overrides([f"out_dir={tmp_path_factory.mktemp('prep') / 'data'}", *SMALL])
+def small_overrides(small_stamps: StampTree) -> list[str]:
+    return [*SMALL, f"sources.tuxpaint.root={small_stamps.root}"]
+
+
+@pytest.fixture(scope="session")
+def small_build(tmp_path_factory: pytest.TempPathFactory, small_overrides: list[str]) -> BuildResult:
+    return build_from_overrides([f"out_dir={tmp_path_factory.mktemp('prep') / 'data'}", *small_overrides])
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,7 +1,7 @@
 """Auxiliary losses for MoE routers (V-MoE balancing, LIMoE per-modality entropy).
 
-Each function takes the router probabilities ``probs`` (T, E) of one MoE layer and, for LIMoE's
-entropy losses, of one modality: call them once on the image tokens and once on the text tokens.
+Each function takes the router probabilities ``probs`` (T, E) of one MoE layer (the load and global
+entropy also the chosen experts (T, k)) and, for LIMoE's entropy losses, of one modality: call them once on the image tokens and once on the text tokens.
 Every loss only needs per-expert and per-token sums, which the router already returns
 (:class:`~pretrain.models.moe.RoutingStats`: probability mass per expert, summed token entropy,
 assignment counts); the ``*_from_sums`` forms take those, and :class:`MoeAuxLoss` uses them, so
@@ -14,13 +14,26 @@ E * sum_e f_e * P_e instead (f_e: fraction of assignments sent to expert e, no g
 mean router probability of e, differentiable). It is 1 when routing is uniform, larger when the
 experts the router favours also receive most tokens, and needs no noise.
 
+Global entropy: LIMoE takes the entropy of the modality's mean router distribution. While the
+router is still nearly flat (the start of every run, and all of a short one) that entropy sits near
+log E whatever the router decides: top-1 of near-equal probabilities is settled by a small offset
+that all of a modality's tokens share, so every token can go to one expert while the mean
+distribution stays uniform and the thresholded loss, hence its gradient, stays exactly zero
+(measured on the demo LiMoE with both entropy weights at 0.1: 99% of the text tokens on one expert
+while the mean distribution's entropy never fell below 1.06 nats > tau = 0.7). We threshold the entropy of where the tokens actually went, the
+assignment shares f, and let the gradient flow through the mean probabilities P instead, the
+construction of the Switch load loss (value from f, gradient from P): the loss is nonzero exactly
+when a modality's routing has collapsed, and its gradient moves probability towards the experts
+the modality leaves idle. Once the router is confident f and P agree and this is LIMoE's loss.
+
 Across data-parallel ranks: local entropy, importance and load are per-token averages that each
-rank can take over its own tokens. Global entropy is not: the entropy of the mean distribution
-over the global batch differs from the mean of per-rank entropies. Pass ``reduce_fn`` to sum the
-statistics over ranks before the entropy is taken. It receives one (E+1,) fp32 tensor,
-``[probability mass per expert (E,), token count]``, and must return its sum over ranks, e.g.
-:func:`~pretrain.losses.gather.all_reduce_sum_with_grad` (autograd-aware, so the gradient reaches
-every rank's router; the plain ``dist.all_reduce`` would cut it), which :class:`MoeAuxLoss` uses.
+rank can take over its own tokens. Global entropy is not: the entropy of the shares over the
+global batch differs from the mean of per-rank entropies. Pass ``reduce_fn`` to sum the
+statistics over ranks before the entropy is taken. It receives one (2E+1,) fp32 tensor,
+``[probability mass per expert (E,), assignments per expert (E,), token count]``, and must return
+its sum over ranks, e.g. :func:`~pretrain.losses.gather.all_reduce_sum_with_grad` (autograd-aware,
+so the gradient reaches every rank's router; the plain ``dist.all_reduce`` would cut it), which
+:class:`MoeAuxLoss` uses: one collective per MoE layer and modality.
 """
 from __future__ import annotations
 
@@ -78,30 +91,53 @@ def local_entropy_loss(probs: torch.Tensor) -> torch.Tensor:
     return _entropy(probs.float()).mean()
 
 
-def global_entropy_from_sums(mass: torch.Tensor, num_tokens: int, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
-    """Global entropy from one modality's summed probabilities mass (E,) over its T tokens -> ()."""
-    stats = torch.cat([mass.float(), mass.new_full((1,), num_tokens, dtype=torch.float32)])  # (E+1,)
-    if reduce_fn is not None:
-        stats = reduce_fn(stats)  # (E+1,)
-    mean_probs = stats[:-1] / stats[-1]  # (E,)
-    return _entropy(mean_probs)
+def global_entropies_from_sums(mass: torch.Tensor, counts: torch.Tensor, num_tokens: int,
+                               reduce_fn: ReduceFn | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One modality's global entropies (nats) from its sums over T tokens: mass (E,) summed
+    probabilities, counts (E,) top-k assignments -> (assignment entropy (), router entropy ()).
 
-
-def global_entropy(probs: torch.Tensor, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
-    """Entropy of the mean routing distribution of one modality, (T, E) -> () in nats.
-
-    With ``reduce_fn`` the mean is over the tokens of every rank (see the module docstring).
+    The assignment entropy has the value of the assignment shares' entropy and the gradient of the
+    mean probabilities (see the module docstring); the router entropy is LIMoE's, of the mean
+    probabilities, for the metrics. With ``reduce_fn`` both are over every rank's tokens.
     """
-    return global_entropy_from_sums(probs.float().sum(dim=0), probs.shape[0], reduce_fn)
+    E = mass.shape[-1]
+    stats = torch.cat([mass.float(), counts.float(), mass.new_full((1,), num_tokens, dtype=torch.float32)])  # (2E+1,)
+    if reduce_fn is not None:
+        stats = reduce_fn(stats)  # (2E+1,)
+    mean_probs = stats[:E] / stats[-1]  # (E,) differentiable
+    assigned = stats[E : 2 * E].detach()  # (E,) routing is discrete: no gradient
+    total = assigned.sum().clamp_min(1.0)  # ()
+    shares = assigned / total  # (E,)
+    through = shares + mean_probs - mean_probs.detach()  # (E,) value: shares; gradient: mean probabilities
+    # d(-H)/d(share_e) = log(share_e) + 1; the +1 meets a gradient that sums to zero over experts,
+    # and an idle expert's log is taken at the smallest share it could have (one assignment), so
+    # the push towards it is strong but finite. The value is exact: 0 * log(...) = 0.
+    floor = 1.0 / total
+    assignment = -(through * torch.log(shares.clamp_min(floor))).sum()
+    return assignment, _entropy(mean_probs.detach())
 
 
-def global_entropy_loss(probs: torch.Tensor, tau: float, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
-    """LIMoE global entropy loss max(0, tau - H_global), (T, E) -> ().
+def global_entropy(probs: torch.Tensor, expert_index: torch.Tensor, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+    """Entropy of where one modality's tokens went, probs (T, E) and their top-k experts (T, k) -> ()
+    in nats, with the gradient of the mean probabilities; with ``reduce_fn`` over every rank's tokens."""
+    counts = torch.bincount(expert_index.reshape(-1), minlength=probs.shape[-1])  # (E,)
+    return global_entropies_from_sums(probs.float().sum(dim=0), counts, probs.shape[0], reduce_fn)[0]
+
+
+def router_entropy(probs: torch.Tensor, reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+    """LIMoE's global entropy, of the mean routing distribution of one modality: (T, E) -> (), no gradient."""
+    counts = torch.zeros(probs.shape[-1], dtype=torch.long, device=probs.device)
+    return global_entropies_from_sums(probs.float().sum(dim=0), counts, probs.shape[0], reduce_fn)[1]
+
+
+def global_entropy_loss(probs: torch.Tensor, expert_index: torch.Tensor, tau: float,
+                        reduce_fn: ReduceFn | None = None) -> torch.Tensor:
+    """LIMoE's global entropy loss max(0, tau - H), on the assignments (see :func:`global_entropy`).
 
     Keeps a modality spread over at least ~exp(tau) experts without forcing it over all of them:
     above the threshold the loss and its gradient are zero.
     """
-    return torch.clamp(tau - global_entropy(probs, reduce_fn), min=0.0)
+    return torch.clamp(tau - global_entropy(probs, expert_index, reduce_fn), min=0.0)
 
 
 class MoeAuxLoss(torch.nn.Module):
@@ -109,9 +145,11 @@ class MoeAuxLoss(torch.nn.Module):
 
     Each loss is averaged over the (layer, modality) pairs, so a weight means the same thing for
     any depth. Metrics are detached tensors (converted to floats only when logged):
-    ``moe/aux/<loss>`` and, per layer and modality, ``moe/layer<i>/<modality>/...``: the fraction of
-    assignments per expert (``load_e<j>``) and its entropy (``usage_entropy``), local and global
-    entropy and the dropped-token fraction.
+    ``moe/aux/<loss>`` and, per layer and modality, ``moe/layer<i>/<modality>/...``: this rank's
+    fraction of assignments per expert (``load_e<j>``) and its entropy (``usage_entropy``), the
+    local entropy, the global entropy of the assignments over every rank (what ``tau`` bounds), the
+    entropy of the mean router probabilities (``router_entropy``, LIMoE's global quantity) and the
+    dropped-token fraction.
     """
 
     def __init__(self, cfg: MoeConfig, reduce_fn: ReduceFn | None = all_reduce_sum_with_grad) -> None:
@@ -130,7 +168,7 @@ class MoeAuxLoss(torch.nn.Module):
             for i, stats in enumerate(layers):
                 # From the router's sums (the same values as the probs forms of the losses).
                 local = stats.entropy_sum / stats.num_tokens
-                glob = global_entropy_from_sums(stats.mass, stats.num_tokens, self.reduce_fn)
+                glob, router = global_entropies_from_sums(stats.mass, stats.counts, stats.num_tokens, self.reduce_fn)
                 terms["importance"].append(importance_from_sums(stats.mass))
                 terms["load"].append(load_balancing_from_sums(stats.mass, stats.counts, stats.num_tokens))
                 terms["local_entropy"].append(local)
@@ -138,6 +176,7 @@ class MoeAuxLoss(torch.nn.Module):
                 prefix = f"moe/layer{i}/{modality}"
                 metrics[f"{prefix}/local_entropy"] = local.detach()
                 metrics[f"{prefix}/global_entropy"] = glob.detach()
+                metrics[f"{prefix}/router_entropy"] = router
                 metrics[f"{prefix}/dropped_frac"] = stats.dropped_frac
                 # Entropy of where tokens actually went (argmax, not probabilities): the number
                 # that shows a collapse onto one expert even while the router's softmax is flat.

@@ -7,6 +7,17 @@ statistics per modality (what LIMoE's per-modality entropy losses need). Text at
 causal and pooled at eos, as in our CLIP text tower; images attend fully and are mean-pooled.
 Sizes: ``model.vision`` gives the shared width/depth/heads; ``model.text`` only the caption length
 and vocabulary.
+
+Text tokens after the eos are padding: the causal attention keeps them out of every real token's
+features, and the MoE layers do not route them (see :mod:`pretrain.models.moe`), so they take no
+expert slot and stay out of the routing statistics and auxiliary losses.
+
+The shared layers are initialised like timm's ViT (truncated-normal weights of std 0.02, zero
+biases). With PyTorch's default Linear initialisation their biases (up to 1/sqrt(width)) dwarf the
+0.02-std token and position embeddings, so after the first layer every text token is mostly one
+vector shared by all of them: at initialisation 82% of the text tokens' squared norm at the second
+MoE layer was that shared part, and the router sent every text token to one expert (measured on the
+demo LiMoE; 32% and four experts in use with this initialisation).
 """
 from __future__ import annotations
 
@@ -15,7 +26,7 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, PatchEmbed
-from timm.models.vision_transformer import Attention
+from timm.models.vision_transformer import Attention, init_weights_vit_timm
 from torch import nn
 
 from pretrain.config import ModelConfig, MoeConfig
@@ -38,17 +49,23 @@ class SharedBlock(nn.Module):
         self.attn = Attention(width, heads, qkv_bias=True)
         self.norm2 = nn.LayerNorm(width)
         self.mlp: nn.Module = (
-            MoeMlp(width, hidden, moe.num_experts, moe.top_k, moe.capacity_factor, moe.router_noise_std,
+            MoeMlp(width, hidden, moe.num_experts, moe.top_k, moe.capacity_factor, moe.noise_std,
                    router_impl=moe.router_impl.value)
             if moe is not None else Mlp(width, hidden)
         )
+        # timm's ViT initialisation (see the module docstring); experts and router keep their own.
+        self.attn.apply(init_weights_vit_timm)
+        if not isinstance(self.mlp, MoeMlp):
+            self.mlp.apply(init_weights_vit_timm)
 
-    def forward(self, x: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, Optional[RoutingStats]]:
-        """x (B, N, W) -> (B, N, W), routing stats of this call if the MLP has experts."""
+    def forward(self, x: torch.Tensor, is_causal: bool,
+                real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[RoutingStats]]:
+        """x (B, N, W) -> (B, N, W), routing stats of this call if the MLP has experts; ``real``:
+        the rows of x.reshape(-1, W) the experts route (None: all)."""
         x = x + self.attn(self.norm1(x), is_causal=is_causal)
         h = self.norm2(x)
         if isinstance(self.mlp, MoeMlp):
-            out, stats = self.mlp(h)
+            out, stats = self.mlp(h, real)
             return x + out, stats
         return x + self.mlp(h), None
 
@@ -78,11 +95,13 @@ class LiMoE(ContrastiveModel):
         nn.init.normal_(self.image_proj.weight, std=width**-0.5)
         nn.init.normal_(self.text_proj.weight, std=width**-0.5)
 
-    def _shared(self, x: torch.Tensor, is_causal: bool) -> tuple[torch.Tensor, list[RoutingStats]]:
-        """x (B, N, W) through every shared layer -> (B, N, W), stats of each MoE layer in order."""
+    def _shared(self, x: torch.Tensor, is_causal: bool,
+                real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, list[RoutingStats]]:
+        """x (B, N, W) through every shared layer -> (B, N, W), stats of each MoE layer in order;
+        ``real``: the rows of x.reshape(-1, W) the experts route (None: all)."""
         routing = []
         for block in self.blocks:
-            x, stats = block(x, is_causal)
+            x, stats = block(x, is_causal, real)
             if stats is not None:
                 routing.append(stats)
         return x, routing
@@ -96,9 +115,12 @@ class LiMoE(ContrastiveModel):
     def _text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[RoutingStats]]:
         B, L = tokens.shape
         x = self.token_embedding(tokens) + self.text_pos[:L]  # (B, L, W)
-        # Causal, so the eos position summarises the caption and the padding after it never leaks in.
-        x, routing = self._shared(x, is_causal=True)
         eos = (tokens == self.eos_id).int().argmax(dim=-1)  # (B,)
+        # Rows up to each caption's eos; nonzero() is one host sync per text forward (not per
+        # layer), the price of routing only real tokens.
+        real = (torch.arange(L, device=tokens.device) <= eos[:, None]).reshape(-1).nonzero().squeeze(1)  # (T,)
+        # Causal, so the eos position summarises the caption and the padding after it never leaks in.
+        x, routing = self._shared(x, is_causal=True, real=real)
         pooled = self.text_norm(x)[torch.arange(B, device=x.device), eos]  # (B, W)
         return F.normalize(self.text_proj(pooled), dim=-1), routing  # (B, D)
 

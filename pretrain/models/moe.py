@@ -16,6 +16,11 @@ Routing, for T tokens and E experts:
 4. an assignment past its expert's capacity is dropped; a token with no kept assignment gets a
    zero output and is carried by the block's residual connection.
 
+Padding is not routed: given the rows that hold real tokens, the layer routes only those (they
+alone fill slots and enter the statistics, as DeepSpeed's ``used_token`` mask does), and padding
+rows get a zero output. The capacity still counts every row, so the slot shapes are the same on
+every rank of an expert-parallel group whatever its captions' lengths.
+
 Steps 1-3 are :func:`pretrain.kernels.router.route` (PyTorch, or one Triton kernel on CUDA), which
 also returns the sums the auxiliary losses need; router noise is added before it, in PyTorch.
 """
@@ -47,7 +52,7 @@ class RoutingStats:
     kept: torch.Tensor  # (T, k) bool, whether that assignment got a capacity slot
     load: torch.Tensor  # (E,) fraction of the T*k assignments routed to each expert (pre-capacity)
     dropped_frac: torch.Tensor  # () fraction of tokens with no kept assignment (zero MLP output)
-    capacity: int  # slots per expert in this call: C, capped at T
+    capacity: int  # slots per expert in this call: C, capped at the call's rows
     # Sums over the call's T tokens from the router, so the aux losses need not reread probs:
     mass: torch.Tensor  # (E,) fp32 sum of probs over tokens, differentiable
     entropy_sum: torch.Tensor  # () fp32 sum of per-token routing entropies (nats), differentiable
@@ -177,17 +182,22 @@ class MoeMlp(nn.Module):
             logits = logits + torch.randn_like(logits) * self.router_noise_std
         return route_logits(logits, self.top_k, impl=self.router_impl)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingStats]:
+    def forward(self, x: torch.Tensor, real: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, RoutingStats]:
+        """x (B, N, D) or (R, D); ``real`` (T,) int64: the rows of x.reshape(-1, D) that hold real
+        tokens (None: all). Returns (output of x's shape, RoutingStats over the T routed tokens)."""
         shape = x.shape
-        x = x.reshape(-1, shape[-1])  # (T, D)
+        x = x.reshape(-1, shape[-1])  # (R, D)
+        rows = x.shape[0]
+        if real is not None:
+            x = x.index_select(0, real)  # (T, D) the padding rows stay out of routing
         T, D = x.shape
         E, k = self.num_experts, self.top_k
         r = self.route(x)
         gates, expert_index, position = r.gates, r.expert_index, r.position  # (T, k) each
-        capacity = expert_capacity(T, E, k, self.capacity_factor)
-        # An expert can receive at most T assignments (top-k picks distinct experts), so slots
-        # beyond T would only ever hold padding.
-        slots_per_expert = min(capacity, T)
+        capacity = expert_capacity(rows, E, k, self.capacity_factor)
+        # An expert can receive at most one assignment per row (top-k picks distinct experts), so
+        # slots beyond that would only ever be empty.
+        slots_per_expert = min(capacity, rows)
         kept = position < slots_per_expert  # (T, k)
 
         # Index dispatch: assignment (token t, choice j) owns row e*C + c of a flat (E*C, D) slot
@@ -211,4 +221,6 @@ class MoeMlp(nn.Module):
             dropped_frac = (~kept.any(dim=-1)).float().mean()  # ()
         stats = RoutingStats(r.probs, expert_index, kept, load, dropped_frac, slots_per_expert,
                              mass=r.mass[0], entropy_sum=r.entropy[0], counts=r.assignments[0])
+        if real is not None:
+            out = out.new_zeros(rows, D).index_copy(0, real, out)  # (R, D) padding rows: zero
         return out.view(shape), stats

@@ -19,13 +19,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests import stamps
+
 HANG_S = 20  # far above any example's real time (< 1 s): only a hang reaches it
 # deadline=None: a hang never returns, so hypothesis' deadline could not report it (the watchdog
 # does), and on 2 shared cores a timing deadline would only make the suite flaky. derandomize: the
 # same examples on every CI run, no example database.
 FUZZ = settings(max_examples=250, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-STAMP = Path("/usr/share/tuxpaint/stamps/animals/birds/nandou.png")
+STAMP = stamps.plain(1)[0].path  # a real stamp, whatever the release calls it
 MAX_PIXELS = 1_000_000  # bombs are refused from the header; real decodes stay small and fast
 SOURCE_CODES = {"unsafe_path", "unsafe_member", "pickle_payload", "member_too_large", "duplicate_key",
                 "duplicate_uid", "bad_json", "no_image", "no_caption", "truncated_tar"}

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from launch.local import rank_env
+from tests import stamps
 
 REPO = Path(__file__).resolve().parents[2]
 SECRETS = {
@@ -91,7 +92,8 @@ def test_training_run_writes_no_secret(small_build, tmp_path: Path) -> None:
 
 def test_dataset_build_writes_no_secret(tmp_path: Path) -> None:
     out = tmp_path / "data"
-    proc = run(["-m", "data_prep", "build", f"out_dir={out}", "sources.fashion_mnist.limit=40", "sources.tuxpaint.limit=20",
+    proc = run(["-m", "data_prep", "build", f"out_dir={out}", "sources.fashion_mnist.limit=40", f"sources.tuxpaint.root={stamps.ROOT}",
+                "sources.tuxpaint.limit=20",
                 "tokenizer.vocab_size=100", "workers.processes=1"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "train" / "manifest.json").is_file()

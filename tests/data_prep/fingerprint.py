@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from tests import stamps
+
 # ~470 real inputs in units of 40: a dozen units, so kills land between and inside units.
-BASE = ["sources.fashion_mnist.limit=300", "sources.tuxpaint.limit=170", "samples_per_shard=100",
+BASE = ["sources.fashion_mnist.limit=300", f"sources.tuxpaint.root={stamps.ROOT}", "sources.tuxpaint.limit=170",
+        "samples_per_shard=100",
         "tokenizer.vocab_size=500", "unit_size=40", "batch_size=16"]
 
 

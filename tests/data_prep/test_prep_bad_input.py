@@ -13,15 +13,14 @@ import pytest
 
 from data_prep.build import build_from_overrides
 from data_prep.sources import SourceError
-from data_prep.sources.tuxpaint import caption_file, read_caption
+from tests import stamps as stamps_on_disk
 from tests.data_prep.hostile import Trap, add_member
 
-STAMPS = Path("/usr/share/tuxpaint/stamps/animals/birds")
 
 
 def real_stamps(n: int) -> list[tuple[Path, str]]:
-    out = [(p, read_caption(caption_file(p))) for p in sorted(STAMPS.glob("*.png")) if caption_file(p)]
-    return [(p, c) for p, c in out if c][:n]
+    """(png, caption) of the first ``n`` plain stamps: only the damage done here gets them rejected."""
+    return [(s.path, s.caption) for s in stamps_on_disk.plain(n)]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,8 @@ def bad_build(tmp_path_factory):
             add_member(tf, f"{i:03d}.png", png.read_bytes())
             add_member(tf, f"{i:03d}.txt", cap.encode())
     raw = (shards / "cut.tar").read_bytes()
-    (shards / "cut.tar").write_bytes(raw[: len(raw) // 2])  # truncated mid-archive
+    # Cut inside the first image (after its 512-byte header), whatever the stamps' sizes: no whole sample.
+    (shards / "cut.tar").write_bytes(raw[: 512 + len(stamps[1][0].read_bytes()) // 2])
     folder = root / "folder"
     folder.mkdir()
     for png, cap in stamps[5:8]:

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,6 +16,7 @@ from data_prep.build import build_from_overrides
 from data_prep.manifest import ManifestError, load_manifest
 from data_prep.sources import SourceError
 from data_prep.sources.base import REQUIRED_META
+from tests import stamps
 
 
 def read_split(folder) -> list[dict]:
@@ -39,29 +41,45 @@ def test_shards_hold_contract_keys(small_build):
     assert {json.loads(s["json"])["source"] for s in first} == {"tuxpaint", "fashion_mnist"}
 
 
-def test_manifest_matches_files(small_build):
+def kept_split_counts(build, source: str) -> Counter:
+    """Kept samples per split of one source, from decisions.parquet."""
+    rows = pq.read_table(build.decisions_path).to_pylist()
+    return Counter(r["split"] for r in rows if r["source"] == source and r["kept"])
+
+
+def test_manifest_matches_files(small_build, small_stamps):
     for split, m in small_build.manifests.items():
         assert load_manifest(m.root) == m
-        assert m.config["samples_per_shard"] == 100 and m.config["sources"]["tuxpaint"]["limit"] == 170
+        assert m.config["samples_per_shard"] == 100
+        assert m.config["sources"]["tuxpaint"]["root"] == str(small_stamps.root)
         assert all(s.samples == 100 for s in m.shards[:-1]) and 0 < m.shards[-1].samples <= 100
         for shard in m.shards:
             path = m.shard_path(shard)
             assert shard.bytes == path.stat().st_size
             assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
             assert shard.samples == len(list(wds.WebDataset(str(path), shardshuffle=False)))
-    assert small_build.manifests["train"].total_samples == 300 + 143  # see the funnel in report.md
+    # Every plain stamp is kept, in one split or the other; every Fashion-MNIST image in train.
+    tux = kept_split_counts(small_build, "tuxpaint")
+    assert tux["train"] + tux["heldout"] == len(small_stamps.plain) and tux["heldout"] > 0
+    assert small_build.manifests["train"].total_samples == 300 + tux["train"]
+    assert small_build.manifests["heldout"].total_samples == tux["heldout"]
 
 
-def test_decisions_one_row_per_input(small_build):
+def test_decisions_one_row_per_input(small_build, small_stamps):
     rows = pq.read_table(small_build.decisions_path).to_pylist()
-    assert len(rows) == 300 + 170 and len({r["uid"] for r in rows}) == len(rows)
+    assert len(rows) == 300 + small_stamps.inputs and len({r["uid"] for r in rows}) == len(rows)
     by_id = {(r["source"], r["source_id"]): r for r in rows}
-    drat = by_id["tuxpaint", "cartoon/tux/tux-drat.png"]
-    assert (drat["kept"], drat["filter"], drat["reason"], drat["split"]) == (False, "source", "no_caption", None)
-    fish = by_id["tuxpaint", "animals/fish/moonwrasse.png"]
-    assert fish["filter"] == "image_size" and fish["reason"].startswith("bad_aspect")
-    assert fish["aspect_ratio"] == pytest.approx(137 / 42) and fish["caption_words"] > 0  # text stage ran first
-    assert drat["caption_words"] is None and drat["width"] is None  # rejected by its source: nothing measured
+    for rel in stamps.NO_CAPTION:
+        r = by_id["tuxpaint", rel]
+        assert (r["kept"], r["filter"], r["reason"], r["split"]) == (False, "source", "no_caption", None)
+        assert r["caption_words"] is None and r["width"] is None  # rejected by its source: nothing measured
+    for rel, code in stamps.IMAGE_SIZE_REJECTS.items():
+        r = by_id["tuxpaint", rel]
+        assert r["filter"] == "image_size" and r["reason"].startswith(code), r
+        assert r["caption_words"] > 0  # the text stage ran first
+    width, height = stamps.ELONGATED_SIZE
+    assert by_id["tuxpaint", stamps.ELONGATED]["aspect_ratio"] == pytest.approx(width / height)
+    assert all(by_id["tuxpaint", rel]["kept"] for rel in small_stamps.plain)
     for r in rows:
         assert r["kept"] == (r["reason"] is None) == (r["split"] is not None)
     kept = {r["uid"] for r in rows if r["kept"]}
@@ -85,10 +103,33 @@ def test_rebuild_is_identical(small_build, small_overrides, tmp_path):
     assert again.tokenizer_path.read_bytes() == small_build.tokenizer_path.read_bytes()
 
 
-def test_report_has_funnel(small_build):
+def markdown_rows(text: str, first_header: str) -> dict[str, dict[str, str]]:
+    """The markdown table of ``text`` whose first column is ``first_header``: first cell -> {header: cell}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} "))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    table = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        table[cells[0]] = dict(zip(header, cells))
+    return table
+
+
+def test_report_has_funnel(small_build, small_stamps):
+    funnel = markdown_rows(small_build.report_path.read_text(), "source")
+    tux = kept_split_counts(small_build, "tuxpaint")
+    assert funnel["tuxpaint"] == {
+        "source": "tuxpaint", "input": str(small_stamps.inputs), "-source": str(len(stamps.NO_CAPTION)),
+        "-caption_length": "0", "-image_size": str(len(stamps.IMAGE_SIZE_REJECTS)),
+        "kept train": str(tux["train"]), "kept heldout": str(tux["heldout"])}
+    assert funnel["fashion_mnist"] == {
+        "source": "fashion_mnist", "input": "300", "-source": "0", "-caption_length": "0", "-image_size": "0",
+        "kept train": "300", "kept heldout": "0"}
     report = small_build.report_path.read_text()
-    assert "| tuxpaint      |   170 |       6 |               0 |           1 |        143 |           20 |" in report
-    assert "no_caption" in report and "bad_aspect" in report
+    for code in ("no_caption", "bad_aspect", "too_small", "decode_error"):
+        assert f"| {code} " in report, code
 
 
 def test_empty_split_rebuild_and_no_writes_outside_out_dir(tmp_path, monkeypatch):

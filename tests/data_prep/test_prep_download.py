@@ -10,9 +10,10 @@ import pytest
 from PIL import Image
 
 from data_prep.download import DownloadConfig, Downloader, Fetched, guess_ext, robots_forbid, sniff_ext
+from tests import stamps as stamps_on_disk
 from tests.data_prep.image_server import ImageServer
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
+STAMPS = stamps_on_disk.ROOT
 pytestmark = pytest.mark.skipif(not STAMPS.is_dir(), reason="apt-get install tuxpaint-stamps-default")
 
 # Short timeouts and backoffs keep the fault tests fast; retries off unless a test is about them.
@@ -27,8 +28,9 @@ def server() -> Iterator[ImageServer]:
 
 @pytest.fixture(scope="module")
 def stamps() -> list[Path]:
-    """40 real PNG stamps from several categories (every 15th in sorted order)."""
-    return sorted(STAMPS.rglob("*.png"))[::15][:40]
+    """40 real PNG stamps from several categories (evenly spaced in path order)."""
+    every = [s.path for s in stamps_on_disk.all_stamps()]
+    return every[:: max(1, len(every) // 40)][:40]
 
 
 def fetch(url: str, **cfg: object) -> Fetched:

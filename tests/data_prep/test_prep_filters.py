@@ -1,7 +1,7 @@
 """Filters on real Tux Paint bytes: what they reject, with which reason, and that nothing raises."""
 from __future__ import annotations
 
-from pathlib import Path
+import zlib
 
 import pytest
 
@@ -11,14 +11,20 @@ from data_prep.filters.caption_length import CaptionLengthConfig
 from data_prep.filters.image_size import ImageSizeConfig
 from data_prep.sources import Sample
 from data_prep.uid import make_uid
+from tests import stamps
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-GOOD_PNG = STAMPS / "animals/birds/nandou.png"  # 200x151
+if not stamps.ROOT.is_dir():
+    pytest.skip("apt-get install tuxpaint-stamps-default", allow_module_level=True)
+
+# Real stamp pixels made to the sizes the expected measures and reasons follow from.
+GOOD_PNG = stamps.made_png((200, 151))  # kept by the default image_size stage
+TINY = stamps.made_png((39, 7))  # shorter side 7 < the default min_side 16
 
 
-def sample(png: Path = GOOD_PNG, caption: str = "A rhea.", image: bytes | None = None) -> Sample:
-    return Sample(uid=make_uid("test", str(png)), source="test", source_id=str(png),
-                  image=png.read_bytes() if image is None else image, image_ext="png", caption=caption,
+def sample(image: bytes = GOOD_PNG, caption: str = "A stamp") -> Sample:
+    source_id = f"bytes-{zlib.crc32(image)}"
+    return Sample(uid=make_uid("test", source_id), source="test", source_id=source_id, image=image,
+                  image_ext="png", caption=caption,
                   meta={"width": 1, "height": 1, "original_width": 1, "original_height": 1, "lang": "en"})
 
 
@@ -30,24 +36,23 @@ def filters() -> list[Filter]:
 def test_good_sample_is_kept_with_measures(filters):
     v = apply_filters(filters, sample())
     assert v.kept and v.measures == {"width": 200, "height": 151, "aspect_ratio": pytest.approx(200 / 151),
-                                     "image_bytes": GOOD_PNG.stat().st_size, "caption_words": 2, "caption_chars": 7}
+                                     "image_bytes": len(GOOD_PNG), "caption_words": 2, "caption_chars": 7}
 
 
-@pytest.mark.parametrize("png, reason", [
-    ("seasonal/newyears/party-horn-out.png", "too_small: shorter side 7 px < min_side 16"),  # 39x7
-    ("symbols/music/rest_025.png", "too_small: shorter side 12 px < min_side 16"),  # 12x36
-    ("household/tools/spade.png", "bad_aspect: 3.38 > max_aspect 3.0"),  # 694x2348
+@pytest.mark.parametrize("image, reason", [
+    (TINY, "too_small: shorter side 7 px < min_side 16"),  # 39x7
+    (stamps.made_png((12, 36)), "too_small: shorter side 12 px < min_side 16"),  # 12x36
+    (stamps.made_png((694, 2348)), "bad_aspect: 3.38 > max_aspect 3.0"),  # 694x2348
 ])
-def test_image_size_rejects_tiny_and_elongated_stamps(filters, png, reason):
-    v = apply_filters(filters, sample(STAMPS / png))
+def test_image_size_rejects_tiny_and_elongated_stamps(filters, image, reason):
+    v = apply_filters(filters, sample(image))
     assert (v.filter, v.reason) == ("image_size", reason)
 
 
 def test_corrupt_image_is_recorded_not_raised(filters):
-    truncated = GOOD_PNG.read_bytes()[:400]
-    v = apply_filters(filters, sample(image=truncated))
+    v = apply_filters(filters, sample(GOOD_PNG[:400]))  # truncated
     assert not v.kept and v.filter == "image_size" and v.reason.startswith("decode_error: ")
-    v = apply_filters(filters, sample(image=b"not an image"))
+    v = apply_filters(filters, sample(b"not an image"))
     assert v.reason.startswith("decode_error: UnidentifiedImageError")
 
 
@@ -64,7 +69,7 @@ def test_caption_length_rejects(filters, caption, reason):
 
 
 def test_first_rejection_wins_in_configured_order():
-    bad = sample(STAMPS / "seasonal/newyears/party-horn-out.png", caption="")
+    bad = sample(TINY, caption="")
     cfg = load_config([])
     assert list(cfg.filters) == ["caption_length", "image_size"]
     v = apply_filters([make_filter(n, c) for n, c in cfg.filters.items()], bad)
@@ -107,9 +112,8 @@ def test_undecodable_image_without_image_stage_is_rejected_at_write(tmp_path):
 
     cfg = load_config([f"out_dir={tmp_path}", "~filters.image_size", "resize.size=64"])
     ctx = Context.create(cfg)
-    good, bad = sample(), sample(image=b"broken")
-    bad.uid = make_uid("test", "broken")
-    rec = process_items(ctx, TuxPaint(TuxPaintConfig()), iter([good, bad]))
+    good, bad = sample(), sample(b"broken")
+    rec = process_items(ctx, TuxPaint(TuxPaintConfig(root=str(stamps.ROOT))), iter([good, bad]))
     by_uid = {r["uid"]: r for r in rec.rows}
     assert by_uid[good.uid]["kept"] and [k.sample.uid for _, k in rec.kept] == [good.uid]
     assert by_uid[bad.uid]["filter"] == "write" and by_uid[bad.uid]["reason"].startswith("decode_error")

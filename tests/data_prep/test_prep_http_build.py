@@ -16,10 +16,10 @@ from PIL import Image
 
 from data_prep.build import build_from_overrides
 from data_prep.manifest import load_manifest
-from data_prep.sources.tuxpaint import caption_file, read_caption
+from tests import stamps as stamps_on_disk
 from tests.data_prep.image_server import ImageServer
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
+STAMPS = stamps_on_disk.ROOT
 FAULTS = {  # path -> (reason code, retryable)
     "/fault/404": ("http_404", False),
     "/fault/html": ("wrong_type", False),
@@ -32,15 +32,8 @@ FAULTS = {  # path -> (reason code, retryable)
 
 
 def stamps(n: int) -> list[tuple[str, str]]:
-    """(relative path, real caption) of the first ``n`` captioned stamps in animals/."""
-    out = []
-    for png in sorted((STAMPS / "animals").rglob("*.png")):
-        txt = caption_file(png)
-        if txt is not None and read_caption(txt):
-            out.append((png.relative_to(STAMPS).as_posix(), read_caption(txt)))
-        if len(out) == n:
-            return out
-    return out
+    """(relative path, real caption) of the first ``n`` plain stamps: every stage here keeps them."""
+    return [(s.rel, s.caption) for s in stamps_on_disk.plain(n)]
 
 
 def rows(server: ImageServer) -> list[dict]:

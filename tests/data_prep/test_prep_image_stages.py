@@ -7,12 +7,12 @@ import math
 import struct
 import time
 import zlib
-from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from data_prep import images
 from data_prep.filters import FILTERS, apply_filters, make_filter
@@ -24,19 +24,21 @@ from data_prep.filters.near_duplicate import NearDuplicateConfig
 from data_prep.resize import ResizeConfig, decode_need, encode_for_shard, output_size
 from data_prep.sources.base import Sample
 from data_prep.uid import make_uid
+from tests import stamps
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
-NANDOU = STAMPS / "animals/birds/nandou.png"  # 200x151 RGBA
-BRADLEY = STAMPS / "military/vehicles/bradley.png"  # 460x400
-PARATROOPER = STAMPS / "military/paratrooper.png"  # 917x975 RGBA
+if not stamps.ROOT.is_dir():
+    pytest.skip("apt-get install tuxpaint-stamps-default", allow_module_level=True)
 
-pytestmark = pytest.mark.skipif(not STAMPS.exists(), reason="apt-get install tuxpaint-stamps-default")
+# Real stamp pixels (RGBA, transparent background) made to the sizes the expected numbers follow from.
+NANDOU = stamps.made_png((200, 151))  # 30200 px; shorter side 151: < Wukong's 201, < 256 (never upscaled)
+BRADLEY = stamps.made_png((460, 400))  # both sides > 200 (Wukong keeps it); not square (a center crop cuts it)
+PARATROOPER = stamps.made_png((917, 975))  # big enough that its JPEG decodes at 1/8 or 1/4 scale
+TINY = stamps.made_png((39, 7))  # shorter side 7 < the default min_side 16
+ELONGATED = stamps.made_png((694, 2348))  # aspect 3.38 > the default max_aspect 3
 
 
-def sample(data: bytes | Path, source_id: str | None = None, caption: str = "a stamp", url: str | None = None,
+def sample(data: bytes, source_id: str | None = None, caption: str = "a stamp", url: str | None = None,
            source: str = "test") -> Sample:
-    if isinstance(data, Path):
-        source_id, data = source_id or str(data), data.read_bytes()
     source_id = source_id or f"bytes-{zlib.crc32(data)}"
     return Sample(uid=make_uid(source, source_id), source=source, source_id=source_id, image=data, image_ext="png",
                   caption=caption, url=url, meta={"lang": "en"})
@@ -48,12 +50,19 @@ def encode(im: Image.Image, fmt: str, **params) -> bytes:
     return out.getvalue()
 
 
-def as_jpeg(png: Path, quality: int = 90, scale: float = 1.0) -> bytes:
-    """A real stamp composited on white, optionally resized, written as JPEG."""
-    im = images.on_white(Image.open(png))
+def as_jpeg(png: bytes, quality: int = 90, scale: float = 1.0) -> bytes:
+    """A stamp composited on white, optionally resized, written as JPEG."""
+    im = images.on_white(Image.open(io.BytesIO(png)))
     if scale != 1.0:
         im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.LANCZOS)
     return encode(im, "JPEG", quality=quality)
+
+
+def unlike(a: Image.Image, b: Image.Image) -> bool:
+    """Whether two pictures clearly differ, judged on pixels (no pHash): composited on white, ``b`` at
+    ``a``'s size, their mean absolute difference is above 40 of 255."""
+    x, y = (np.asarray(images.on_white(im).convert("RGB").resize(a.size), float) for im in (a, b))
+    return np.abs(x - y).mean() > 40
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -84,7 +93,7 @@ def test_image_size_measures_the_original_file():
     s = sample(NANDOU)
     v = apply_filters([make_filter("image_size", ImageSizeConfig())], s)
     assert v.kept and v.measures == {"width": 200, "height": 151, "aspect_ratio": pytest.approx(200 / 151),
-                                     "image_bytes": NANDOU.stat().st_size}
+                                     "image_bytes": len(NANDOU)}
     assert s.decoded is not None and s.decoded.size == (200, 151)  # cached for the later image stages
 
 
@@ -95,15 +104,15 @@ def _truncated_jpeg() -> bytes:
 
 @pytest.mark.parametrize("data, cfg, reason", [
     (b"", {}, "empty_file: zero-byte image"),
-    (NANDOU, {"min_bytes": 100_000}, f"too_few_bytes: {NANDOU.stat().st_size} bytes < min_bytes 100000"),
+    (NANDOU, {"min_bytes": 100_000}, f"too_few_bytes: {len(NANDOU)} bytes < min_bytes 100000"),
     (NANDOU, {"max_pixels": 30_000}, "too_many_pixels: 200x151 = 30200 > max_pixels 30000"),
     (png_claiming(10_000, 10_000), {}, "too_many_pixels: 10000x10000 = 100000000 > max_pixels 89478485"),
     (png_claiming(100_000, 100_000), {}, "too_many_pixels: Image size (10000000000 pixels) exceeds limit"),
-    (NANDOU.read_bytes()[:400], {}, "decode_error: "),  # truncated PNG
+    (NANDOU[:400], {}, "decode_error: "),  # truncated PNG
     ("truncated jpeg", {}, "decode_error: OSError: "),
     (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), {}, "decode_error: UnidentifiedImageError"),
-    (STAMPS / "seasonal/newyears/party-horn-out.png", {}, "too_small: shorter side 7 px < min_side 16"),  # 39x7
-    (STAMPS / "household/tools/spade.png", {}, "bad_aspect: 3.38 > max_aspect 3.0"),  # 694x2348
+    (TINY, {}, "too_small: shorter side 7 px < min_side 16"),  # 39x7
+    (ELONGATED, {}, "bad_aspect: 3.38 > max_aspect 3.0"),  # 694x2348
 ])
 def test_image_size_reasons(data, cfg, reason):
     data = _truncated_jpeg() if data == "truncated jpeg" else data
@@ -183,7 +192,7 @@ def test_resize_modes_on_a_real_stamp(mode, size):
 
 
 def test_center_crop_keeps_the_middle():
-    im = images.on_white(Image.open(BRADLEY))  # 460x400: the centred 400x400 square, scaled to 100
+    im = images.on_white(Image.open(io.BytesIO(BRADLEY)))  # 460x400: the centred 400x400 square, scaled to 100
     data, _, _ = encode_for_shard(sample(encode(im, "PNG")), ResizeConfig(size=100, mode="center_crop"))
     expected = im.crop((30, 0, 430, 400)).resize((100, 100), Image.Resampling.LANCZOS)
     diff = np.abs(np.asarray(Image.open(io.BytesIO(data)), float) - np.asarray(expected, float))
@@ -191,14 +200,14 @@ def test_center_crop_keeps_the_middle():
 
 
 def test_jpg_output_composites_transparency_on_white():
-    rgba = Image.open(NANDOU).convert("RGBA")
+    rgba = Image.open(io.BytesIO(NANDOU)).convert("RGBA")
     data, ext, size = encode_for_shard(sample(NANDOU), ResizeConfig(format="jpg"))
     out = np.asarray(Image.open(io.BytesIO(data)), float)
     alpha = np.asarray(rgba)[..., 3]
     assert ext == "jpg" and size == (200, 151) and Image.open(io.BytesIO(data)).mode == "RGB"
     assert out[alpha == 0].mean() > 250  # transparent background -> white, not black
     opaque = np.asarray(rgba)[..., :3][alpha == 255].astype(float)
-    assert np.abs(out[alpha == 255] - opaque).mean() < 8  # the bird itself is unchanged
+    assert np.abs(out[alpha == 255] - opaque).mean() < 8  # the picture itself is unchanged
 
 
 def test_only_if_bigger_never_upscales():
@@ -210,13 +219,13 @@ def test_only_if_bigger_never_upscales():
 
 
 def test_keep_format_returns_the_original_bytes():
-    for data in (NANDOU.read_bytes(), as_jpeg(BRADLEY)):
+    for data in (NANDOU, as_jpeg(BRADLEY)):
         s = sample(data)
         out, ext, _ = encode_for_shard(s, ResizeConfig())
         assert out is s.image and ext == Image.open(io.BytesIO(data)).format.lower().replace("jpeg", "jpg")
     with pytest.raises(Reject, match="^decode_error: "):  # still checked when no image stage decoded it
-        encode_for_shard(sample(NANDOU.read_bytes()[:2000]), ResizeConfig())
-    gif = encode(Image.open(NANDOU), "GIF")  # not a shard format: written as PNG, pixels unchanged
+        encode_for_shard(sample(NANDOU[:2000]), ResizeConfig())
+    gif = encode(Image.open(io.BytesIO(NANDOU)), "GIF")  # not a shard format: written as PNG, pixels unchanged
     out, ext, _ = encode_for_shard(sample(gif), ResizeConfig())
     assert ext == "png" and np.array_equal(np.asarray(Image.open(io.BytesIO(out)).convert("RGBA")),
                                            np.asarray(Image.open(io.BytesIO(gif)).convert("RGBA")))
@@ -246,17 +255,18 @@ def test_resize_config_errors_name_the_field(cfg, field):
 
 
 def test_same_bytes_under_two_uids_keeps_the_first():
-    # The same fireman stamp ships in two folders, byte for byte.
-    first, other, copy = (sample(STAMPS / p) for p in ("military/fireman240a.png", "animals/birds/nandou.png",
-                                                      "people/fireman240a.png"))
+    # Tux Paint ships some stamps in two folders, byte for byte: a real stamp under two source ids.
+    real = stamps.plain(1)[0]
+    data = real.path.read_bytes()
+    first, other, copy = sample(data, real.rel), sample(NANDOU), sample(data, f"copy/{real.path.name}")
     assert judge("duplicate_image", [first, other, copy]) == [None, None, f"duplicate_image: same bytes as {first.uid}"]
     # Only alive rows count: with the first one gone, the copy is the first occurrence.
     assert judge("duplicate_image", [first, other, copy], alive=[False, True, True]) == [None, None, None]
 
 
 def test_same_url_and_caption_keeps_the_first():
-    caption = (STAMPS / "animals/birds/nandou.txt").read_text().splitlines()[0]
-    url = "https://example.org/nandou.png"
+    caption = stamps.plain(1)[0].caption
+    url = "https://example.org/stamp.png"
     rows = [sample(b"", "r0", caption, url), sample(b"", "r1", caption + "!", url),  # other caption: kept
             sample(b"", "r2", caption, url), sample(b"", "r3", caption, None), sample(b"", "r3", caption, None, "other")]
     reasons = judge("duplicate_pair", rows)
@@ -292,12 +302,22 @@ def test_first_occurrence_matches_a_dictionary_on_many_rows():
 
 
 def test_near_duplicates_of_a_real_stamp_are_caught_and_other_stamps_are_not():
-    base = sample(BRADLEY)
+    # Stamps judged on pixels, not by the pHash under test: one 100+ px (re-encodes keep its pHash) and
+    # clearly unlike its mirror image, and one from another folder clearly unlike it.
+    def asymmetric(s: stamps.Stamp) -> bool:
+        return stamps.is_plain(s) and min(s.width, s.height) >= 100 and unlike(s.image(), ImageOps.mirror(s.image()))
+    real = stamps.find("plain, 100+ px, unlike its mirror", asymmetric)
+    im, data = real.image(), real.path.read_bytes()
+    folder = real.rel.split("/")[0]
+    other = stamps.find("plain, in another folder, unlike the first",
+                        lambda s: stamps.is_plain(s) and s.rel.split("/")[0] != folder and unlike(im, s.image()))
+    base = sample(data)
+    ninety = (round(im.width * 0.9), round(im.height * 0.9))
     rows = [base,
-            sample(STAMPS / "military/vehicles/bradley_mirror.png"),  # the same tank facing the other way
-            sample(as_jpeg(BRADLEY, quality=75)),  # re-encoded as JPEG on white
-            sample(STAMPS / "animals/amphibians/frog-1.png"),
-            sample(encode(Image.open(BRADLEY).resize((414, 360), Image.Resampling.LANCZOS), "PNG"))]  # 90 %
+            sample(encode(ImageOps.mirror(im), "PNG")),  # the same picture facing the other way
+            sample(as_jpeg(data, quality=75)),  # re-encoded as JPEG on white
+            sample(other.path.read_bytes()),
+            sample(encode(im.resize(ninety, Image.Resampling.LANCZOS), "PNG"))]  # 90 %
     reasons = judge("near_duplicate", rows)
     assert reasons[0] is None and reasons[1] is None and reasons[3] is None
     for r in (reasons[2], reasons[4]):
@@ -334,25 +354,39 @@ def test_phash_column_must_hold_16_hex_digits():
     assert nd.hex64(pa.array(["00000000000000ff", "FFFFFFFFFFFFFFFF"]))[0].tolist() == [255, 2**64 - 1]
 
 
+class RealHashes(NamedTuple):
+    hashes: np.ndarray  # (H,) uint64: the distinct pHashes of the stamps and of their copies, sorted
+    hashed: int  # stamps hashed
+    moved: np.ndarray  # (M, 2) uint64: distinct (stamp, copy) hash pairs where the copy's hash differs
+
+
 @pytest.fixture(scope="module")
-def real_hashes() -> np.ndarray:
-    """pHashes of ~270 real stamps and JPEG/resized copies of a third of them (so close pairs exist)."""
+def real_hashes() -> RealHashes:
+    """pHashes of every 3rd stamp on disk and of JPEG/resized copies of a third of them (so close pairs exist)."""
     stage = make_filter("near_duplicate", NearDuplicateConfig())
-    pngs = sorted(STAMPS.rglob("*.png"))[::3]
-    hexes = [stage.measure(sample(p))["phash"] for p in pngs]
-    hexes += [stage.measure(sample(as_jpeg(p, 60, 0.8)))["phash"] for p in pngs[::3] if min(Image.open(p).size) > 32]
-    return np.unique(nd.hex64(pa.array(hexes))[0])
+    hashed = stamps.all_stamps()[::3]
+    hexes = [stage.measure(sample(s.path.read_bytes()))["phash"] for s in hashed]
+    copies = [(x, stage.measure(sample(as_jpeg(s.path.read_bytes(), 60, 0.8)))["phash"])
+              for s, x in zip(hashed[::3], hexes[::3]) if min(s.width, s.height) > 32]
+    pairs = np.stack([nd.hex64(pa.array(column))[0] for column in zip(*copies)], axis=1)
+    all_hashes = nd.hex64(pa.array(hexes + [copy for _, copy in copies]))[0]
+    return RealHashes(np.unique(all_hashes), len(hashed), np.unique(pairs[pairs[:, 0] != pairs[:, 1]], axis=0))
 
 
 @pytest.mark.parametrize("bucket", [32, 2])  # 2: cut every bucket again, exercising the refinement
 @pytest.mark.parametrize("d", [0, 2, 4, 8])
 def test_banding_finds_exactly_the_brute_force_pairs(real_hashes, monkeypatch, d, bucket):
     monkeypatch.setattr(nd, "BUCKET", bucket)
-    h = real_hashes
+    h = real_hashes.hashes
     a, b, dist, _ = nd.close_pairs(h, d)
     i, j = np.triu_indices(len(h), k=1)
     close = np.bitwise_count(h[i] ^ h[j]) <= d
-    assert len(h) > 250 and (d < 4 or close.sum() > 20)
+    # Nearly every stamp is a picture of its own. The copies plant close pairs: most copies whose hash
+    # moved stay within 4 bits of their stamp's.
+    moved = real_hashes.moved
+    planted = np.bitwise_count(moved[:, 0] ^ moved[:, 1]) <= d
+    assert len(h) > 0.9 * real_hashes.hashed
+    assert d < 4 or close.sum() >= planted.sum() > len(moved) / 2
     assert sorted(zip(a.tolist(), b.tolist())) == list(zip(i[close].tolist(), j[close].tolist()))
     assert np.array_equal(dist, np.bitwise_count(h[a] ^ h[b]))
 

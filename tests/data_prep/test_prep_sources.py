@@ -11,8 +11,8 @@ from PIL import Image
 from data_prep.sources import Rejected, SourceError
 from data_prep.sources.fashion_mnist import CLASSNAMES, TEMPLATES, FashionMnist, FashionMnistConfig, load_split
 from data_prep.sources.tuxpaint import TuxPaint, TuxPaintConfig, caption_file, read_caption, shrink_png
+from tests import stamps
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
 
 
 def test_load_split_reads_both_splits():
@@ -40,32 +40,71 @@ def test_fashion_mnist_samples():
     assert [s.uid for s in FashionMnist(FashionMnistConfig(limit=20))] == [s.uid for s in samples]
 
 
-def test_tuxpaint_caption_and_fallback():
-    assert read_caption(STAMPS / "symbols/money/us/coins/025quarter.txt") == "A US 25 cent piece ($.25) called a quarter."
-    assert caption_file(STAMPS / "vehicles/ship/cartoon/tugboat_mirror.png") == STAMPS / "vehicles/ship/cartoon/tugboat.txt"
-    assert caption_file(STAMPS / "seasonal/hanukkah/dreydl-nun_mirror.png").name == "dreydl-nun.txt"
-    assert caption_file(STAMPS / "cartoon/tux/tux-drat.png") is None
+def write_stamp(root: Path, rel: str, caption: str | None = None, size: tuple[int, int] = (64, 48)) -> Path:
+    """A stamp made of real pixels at ``root/rel``, with ``caption`` on line 1 of its txt (None: no txt)."""
+    png = root / rel
+    png.parent.mkdir(parents=True, exist_ok=True)
+    png.write_bytes(stamps.made_png(size))
+    if caption is not None:
+        png.with_suffix(".txt").write_text(f"{caption}\nde.utf8={caption} (de)\n", encoding="utf-8")
+    return png
 
 
-def test_tuxpaint_source_items():
-    items = list(TuxPaint(TuxPaintConfig(limit=160)))
-    assert len(items) == 160
+def test_tuxpaint_caption_and_fallback(tmp_path):
+    root = tmp_path / "stamps"
+    base = write_stamp(root, "vehicles/tug.png", "A tugboat.")
+    for variant in ("tug_mirror", "tug-1", "tug2", "tug_3_mirror"):  # Tux Paint's variant suffixes
+        assert caption_file(write_stamp(root, f"vehicles/{variant}.png")) == base.with_suffix(".txt"), variant
+    own = write_stamp(root, "vehicles/tug-2.png", "A tugboat, seen from the side.")
+    assert caption_file(own) == own.with_suffix(".txt")  # its own text wins over the base's
+    for orphan in ("vehicles/barge.png", "other/tug_mirror.png", "vehicles/2.png"):  # no base in its folder
+        assert caption_file(write_stamp(root, orphan)) is None, orphan
+    # Line 1, stripped; a byte-order mark and the translations below are not part of it.
+    bom = root / "bom.txt"
+    bom.write_bytes("\ufeff  A quarter ($.25).  \r\nfr.utf8=Une pièce\n".encode("utf-8"))
+    assert read_caption(bom) == "A quarter ($.25)."
+    real = stamps.find("plain", stamps.is_plain)
+    assert read_caption(real.txt) == real.caption
+
+
+def test_tuxpaint_source_items(tmp_path):
+    """A copy of real stamps with some captions hidden: exactly those are rejected, in path order."""
+    root = tmp_path / "stamps"
+    real = stamps.plain(12)
+    hidden = {s.rel for s in real[1::4]}
+    for s in real:
+        (root / s.rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / s.rel).write_bytes(s.path.read_bytes())
+        if s.rel not in hidden:
+            (root / s.rel).with_suffix(".txt").write_bytes(s.txt.read_bytes())
+    items = list(TuxPaint(TuxPaintConfig(root=str(root), limit=10)))
+    assert [i.source_id for i in items] == sorted(s.rel for s in real)[:10]
     rejected = [i for i in items if isinstance(i, Rejected)]
-    assert {r.source_id for r in rejected} == {f"cartoon/tux/tux-{n}.png" for n in
-                                             ("drat", "kiss1", "kiss2", "yay2", "yes1", "yes2")}
+    assert {r.source_id for r in rejected} == hidden & {i.source_id for i in items} and rejected
     assert all(r.reason == "no_caption" for r in rejected)
-    s = next(i for i in items if i.source_id == "animals/birds/nandou.png")
-    assert s.caption == "A rhea." and s.image == (STAMPS / s.source_id).read_bytes()  # small: bytes unchanged
-    assert s.meta == {"width": 200, "height": 151, "original_width": 200, "original_height": 151,
-                      "lang": "en", "category": "animals"}
+    small = next(s for s in real if s.rel not in hidden and max(s.width, s.height) <= 256)
+    item = next(i for i in items if i.source_id == small.rel)
+    assert item.caption == small.caption and item.image == small.path.read_bytes()  # small: bytes unchanged
+    assert item.meta == {"width": small.width, "height": small.height, "original_width": small.width,
+                         "original_height": small.height, "lang": "en", "category": small.rel.split("/")[0]}
 
 
 def test_large_stamp_is_downscaled_keeping_alpha():
-    data = (STAMPS / "household/tools/spade.png").read_bytes()
+    data = stamps.made_png((694, 2348))
     out, size, original = shrink_png(data, 256)
     assert original == (694, 2348) and size == (76, 256)
     with Image.open(io.BytesIO(out)) as im:
         assert im.size == size and im.mode in ("RGBA", "LA") and im.getextrema()[-1][0] < 255  # transparent pixels
+
+
+def test_real_palette_and_grey_stamps_shrink_too():
+    """Every colour mode the package ships (palette, grey+alpha, RGBA) survives downscaling."""
+    for mode in sorted({s.mode for s in stamps.all_stamps()}):
+        s = stamps.find(f"a {mode} stamp", lambda s, mode=mode: s.mode == mode)
+        out, size, original = shrink_png(s.path.read_bytes(), 32)
+        assert original == (s.width, s.height) and max(size) == min(32, max(original))
+        with Image.open(io.BytesIO(out)) as im:
+            assert im.size == size
 
 
 def test_missing_root_names_the_package(tmp_path):

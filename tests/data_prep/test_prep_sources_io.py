@@ -24,9 +24,10 @@ from data_prep.sources.folder import Folder, FolderConfig
 from data_prep.sources.table import Table, TableConfig
 from data_prep.sources.tuxpaint import read_caption
 from data_prep.sources.webdataset import WebDataset, WebDatasetConfig
+from tests import stamps as stamps_on_disk
 from tests.data_prep.hostile import Trap, add_member
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
+STAMPS = stamps_on_disk.ROOT
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -38,10 +39,10 @@ def _zh(txt: Path) -> str | None:
 @pytest.fixture(scope="module")
 def stamps() -> list[tuple[Path, str]]:
     """~40 real stamps spread over all categories, with their real captions (some in Chinese)."""
-    pngs = [p for p in sorted(STAMPS.rglob("*.png")) if p.with_suffix(".txt").exists()]
+    pngs = [s.path for s in stamps_on_disk.all_stamps() if s.caption is not None]
     # plus the first captions with a comma and with quotes: CSV quoting must round-trip them
     tricky = [next(p for p in pngs if ch in read_caption(p.with_suffix(".txt"))) for ch in ',"']
-    picked = sorted(set(pngs[::20]) | set(tricky))
+    picked = sorted(set(pngs[:: max(1, len(pngs) // 40)]) | set(tricky))
     out = []
     for i, p in enumerate(picked):
         zh = _zh(p.with_suffix(".txt")) if i % 5 == 0 else None
@@ -130,7 +131,7 @@ def test_table_missing_column_names_it_and_lists_the_columns(tmp_path, stamps):
 
 
 def test_table_null_and_empty_values(tmp_path):
-    png = str(STAMPS / "animals/birds/nandou.png")
+    png = str(stamps_on_disk.plain(1)[0].path)
     rows = [{"url": png, "caption": "A rhea."}, {"url": None, "caption": "x"}, {"url": "  ", "caption": "x"},
             {"url": png, "caption": None}, {"url": png, "caption": ""}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
@@ -141,7 +142,7 @@ def test_table_null_and_empty_values(tmp_path):
 
 
 def test_table_bad_rows_are_rejected_not_fatal(tmp_path, stamps):
-    png = str(STAMPS / "animals/birds/nandou.png")
+    png = str(stamps_on_disk.plain(1)[0].path)
     lines = [b'{"url": "%s", "caption": "A rhea."}' % png.encode(), b'{"url": "a.png", "caption": "cut',
              b"[1, 2]", b"", b'{"url": "b.png", "caption": "caf\xe9"}', b'{"url": "c.png", "caption": "ok"}']
     (tmp_path / "t.jsonl").write_bytes(b"\n".join(lines) + b"\n")

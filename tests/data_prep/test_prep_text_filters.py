@@ -1,7 +1,10 @@
 """Text stages on real captions: Tux Paint's human-written captions and their translations.
 
 Each stamp's ``<name>.txt`` holds the English caption on line 1, then ``<locale>.utf8=<text>``
-lines in ~100 languages; ``captions(lang)`` reads them (lang: ``en``, ``de``, ``zh_CN``, ...).
+lines in ~100 languages; ``captions(lang)`` reads them (lang: ``en``, ``de``, ``zh_CN``, ...). Releases
+differ in which stamps exist, where and with which captions, so no test names a stamp: a test that needs
+one exact text holds it as a constant, and one that needs "a long, well translated caption" picks it from
+the data by that property (:func:`long_translated`).
 """
 from __future__ import annotations
 
@@ -27,18 +30,30 @@ from data_prep.filters.caption_frequency import CaptionFrequencyConfig, caption_
 from data_prep.filters.caption_length import CaptionLengthConfig, count_cjk, count_words
 from data_prep.filters.language import LanguageConfig, identifier, identify
 from data_prep.sources import Sample
+from tests import stamps
 
-STAMPS = Path("/usr/share/tuxpaint/stamps")
 CJK_NAMES = ("CJK", "HIRAGANA", "KATAKANA", "HANGUL", "IDEOGRAPHIC", "HALFWIDTH KATAKANA", "BOPOMOFO")
+
+# The real Tux Paint captions of the rhea stamp (nandou.txt), by language.
+RHEA = {"en": "A rhea.", "zh_CN": "一只鸵鸟", "fi": "Nandu-lintu.",
+        "ja": "みなみアメリカにすむ\u3000ダチョウのなかま\u3000「レア」"}  # two ideographic spaces
+# The real zh_CN caption of the menorah stamp (menorah.txt): 41 CJK characters.
+MENORAH_ZH = "光明节的重要部分是大烛台—一个有八个蜡烛和一个shammash或一些从蜡烛。光明节的每一晚shammash点燃一个蜡烛。"
+# The real English caption of the Canadian dollar coin stamp (100loonie.txt).
+LOONIE = "A Canadian dollar ($1.00) called a loonie. It’s named after the bird on the coin—a loon."
+# Tux Paint locale -> the py3langid code its captions must be identified as.
+LANGUAGE_IDS = {"en": "en", "de": "de", "fr": "fr", "es": "es", "it": "it", "ru": "ru", "ja": "ja", "ko": "ko",
+                "zh_CN": "zh", "zh_TW": "zh"}
 
 
 @functools.lru_cache(maxsize=None)
 def _all_captions() -> dict[str, dict[str, str]]:
-    """language -> {stamp path relative to STAMPS (no suffix): caption}."""
+    """language -> {stamp: caption} from every caption file under ``stamps.ROOT``; a stamp is its path
+    there without suffix, only to join its languages (no test names one)."""
     out: dict[str, dict[str, str]] = collections.defaultdict(dict)
-    for txt in sorted(STAMPS.rglob("*.txt")):
+    for txt in sorted(stamps.ROOT.rglob("*.txt")):
         lines = txt.read_text(encoding="utf-8").splitlines()
-        stamp = str(txt.relative_to(STAMPS).with_suffix(""))
+        stamp = txt.relative_to(stamps.ROOT).with_suffix("").as_posix()
         if lines:
             out["en"][stamp] = lines[0]
         for line in lines[1:]:
@@ -50,6 +65,15 @@ def _all_captions() -> dict[str, dict[str, str]]:
 
 def captions(lang: str) -> dict[str, str]:
     return _all_captions()[lang]
+
+
+@functools.lru_cache(maxsize=None)
+def long_translated() -> dict[str, str]:
+    """language -> caption of the stamp with the longest English caption among those captioned in every
+    language of LANGUAGE_IDS: a few sentences in each (ties broken by the texts, not by where it lies)."""
+    everywhere = set.intersection(*(set(captions(lang)) for lang in LANGUAGE_IDS))
+    best = max(everywhere, key=lambda stamp: [len(captions("en")[stamp])] + [captions(lang)[stamp] for lang in LANGUAGE_IDS])
+    return {lang: captions(lang)[best] for lang in LANGUAGE_IDS}
 
 
 def sample(caption: str) -> Sample:
@@ -71,9 +95,8 @@ def test_text_stages_are_registered_and_need_no_image():
 # ---- caption_length -------------------------------------------------------------------------------
 
 def test_cjk_characters_count_as_words_on_real_captions():
-    rhea = "animals/birds/nandou"
-    zh, ja = captions("zh_CN")[rhea], captions("ja")[rhea]
-    assert zh == "一只鸵鸟" and len(zh.split()) == 1  # a whitespace split sees one "word"
+    zh, ja = RHEA["zh_CN"], RHEA["ja"]
+    assert len(zh.split()) == 1  # a whitespace split sees one "word"
     assert verdict("caption_length", zh).measures["caption_words"] == 4
     # みなみアメリカにすむ　ダチョウのなかま　「レア」: 10 + 8 + 2 kana; the brackets separate, not count
     assert count_words(ja) == count_cjk(ja) == 20
@@ -87,21 +110,21 @@ def test_cjk_count_matches_unicode_names_on_every_real_caption(lang):
         return sum(unicodedata.category(c) in ("Lo", "Lm", "Nl") and unicodedata.name(c, "").startswith(CJK_NAMES)
                    for c in text)
     texts = list(captions(lang).values())
-    assert len(texts) > 700 and [count_cjk(t) for t in texts] == [oracle(t) for t in texts]
+    assert len(texts) >= len(captions("en")) // 2  # most stamps carry this translation
+    assert [count_cjk(t) for t in texts] == [oracle(t) for t in texts]
 
 
 def test_wukong_rule_keeps_1_to_32_chinese_characters():
     wukong = dict(min_cjk_chars=1, max_cjk_chars=32, max_words=1000, max_chars=1000)
-    reasons = {}
-    for stamp, text in captions("zh_CN").items():
+    reasons = []
+    for text in captions("zh_CN").values():
         v = verdict("caption_length", text, **wukong)
         n = v.measures["caption_cjk_chars"]
         assert v.kept == (1 <= n <= 32), (text, v.reason)
-        reasons[stamp] = v.reason
-    assert reasons["animals/birds/nandou"] is None
-    # 光明节的重要部分是大烛台—一个有八个蜡烛和一个shammash或一些从蜡烛。光明节的每一晚shammash点燃一个蜡烛。
-    assert reasons["seasonal/hanukkah/menorah"] == "too_many_cjk_chars: 41 > max_cjk_chars 32"
-    assert sum(r is None for r in reasons.values()) > 0.8 * len(reasons)
+        reasons.append(v.reason)
+    assert sum(r is None for r in reasons) > 0.8 * len(reasons)
+    assert verdict("caption_length", RHEA["zh_CN"], **wukong).kept
+    assert verdict("caption_length", MENORAH_ZH, **wukong).reason == "too_many_cjk_chars: 41 > max_cjk_chars 32"
     assert verdict("caption_length", "A rhea.", **wukong).reason == "too_few_cjk_chars: 0 < min_cjk_chars 1"
 
 
@@ -125,12 +148,12 @@ def spm_model(tmp_path_factory) -> Path:
 
 def test_tokens_counted_with_the_given_sentencepiece_model(spm_model):
     sp = spm.SentencePieceProcessor(model_file=str(spm_model))
-    knight = captions("en")["symbols/chess/w_4_knight"]
-    n = len(sp.encode(knight))
-    assert n > len(knight.split())  # a 400-piece vocabulary splits some words into pieces
-    v = verdict("caption_length", knight, tokenizer=str(spm_model), max_tokens=n, max_words=100, max_chars=1000)
+    caption = long_translated()["en"]
+    n = len(sp.encode(caption))
+    assert n > len(caption.split())  # a 400-piece vocabulary splits some words into pieces
+    v = verdict("caption_length", caption, tokenizer=str(spm_model), max_tokens=n, max_words=100, max_chars=1000)
     assert v.kept and v.measures["caption_tokens"] == n
-    v = verdict("caption_length", knight, tokenizer=str(spm_model), max_tokens=n - 1, max_words=100, max_chars=1000)
+    v = verdict("caption_length", caption, tokenizer=str(spm_model), max_tokens=n - 1, max_words=100, max_chars=1000)
     assert v.reason == f"too_many_tokens: {n} > max_tokens {n - 1}"
     assert verdict("caption_length", "A rhea.", tokenizer=str(spm_model), min_tokens=50).reason.startswith(
         "too_few_tokens: ")
@@ -151,11 +174,9 @@ def test_caption_length_config_errors(options, message):
 
 # ---- language -------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("lang, code", [("en", "en"), ("de", "de"), ("fr", "fr"), ("es", "es"), ("it", "it"),
-                                        ("ru", "ru"), ("ja", "ja"), ("ko", "ko"), ("zh_CN", "zh"), ("zh_TW", "zh")])
+@pytest.mark.parametrize("lang, code", LANGUAGE_IDS.items())
 def test_real_translations_are_identified(lang, code):
-    knight = captions(lang)["symbols/chess/w_4_knight"]  # the longest captions: a chess move explained
-    s = sample(knight)
+    s = sample(long_translated()[lang])  # a few sentences, translated into all these languages
     v = apply_filters([make_filter("language", LanguageConfig(allowed=[code], min_score=0.5))], s)
     assert v.kept and v.measures["lang"] == code and 0.5 <= v.measures["lang_score"] <= 1.0
     assert s.meta["lang"] == code  # the shard json's lang
@@ -169,12 +190,12 @@ def test_real_translations_are_identified(lang, code):
 def test_language_accuracy_on_longer_real_captions(lang, accepted, share):
     cjk = lang[:2] in ("zh", "ja", "ko")
     texts = [t for t in captions(lang).values() if len(t) >= (12 if cjk else 40)]
-    assert len(texts) >= 90
+    assert len(texts) >= len(captions(lang)) // 20  # enough that the share is a rate, not an anecdote
     assert sum(identify(t)[0] in accepted for t in texts) >= share * len(texts)
 
 
 def test_language_reasons_and_undetermined_text():
-    german = captions("de")["symbols/chess/w_4_knight"]
+    german = long_translated()["de"]
     assert verdict("language", german, allowed=["en"]).reason == "wrong_language: de not in [en]"
     assert verdict("language", german, allowed=["en", "de"]).kept
     short = verdict("language", "A rhea.", min_score=0.5)  # too short to tell
@@ -197,7 +218,7 @@ def test_language_config_checks_codes():
 # ---- caption_clean --------------------------------------------------------------------------------
 
 def test_clean_rewrites_html_urls_and_whitespace():
-    rhea = captions("en")["animals/birds/nandou"]
+    rhea = RHEA["en"]
     s = sample(f"<p><b>{rhea}</b><br/>See https://example.org/rhea?a=1&amp;b=2 or www.example.org \n\t&copy; zoo</p>")
     v = apply_filters([make_filter("caption_clean", CaptionCleanConfig())], s)
     assert v.kept and s.caption == "A rhea. See or © zoo" and v.measures["caption_changed"] is True
@@ -227,9 +248,9 @@ def test_substitutions_apply_in_order_and_later_stages_see_the_clean_text():
 @pytest.mark.parametrize("words, caption, hit", [
     (["rhea"], "A RHEA.", "rhea"),  # case-insensitive
     (["rhe"], "A rhea.", None),  # whole words only
-    (["nandu"], captions("fi")["animals/birds/nandou"], "nandu"),  # Nandu-lintu: the hyphen is a boundary
+    (["nandu"], RHEA["fi"], "nandu"),  # Nandu-lintu: the hyphen is a boundary
     (["chess piece"], "a chess\n piece", "chess piece"),  # phrases across any whitespace
-    (["鸵鸟"], captions("zh_CN")["animals/birds/nandou"], "鸵鸟"),  # CJK: a substring of 一只鸵鸟
+    (["鸵鸟"], RHEA["zh_CN"], "鸵鸟"),  # CJK: a substring of 一只鸵鸟
 ])
 def test_blocklist_words(words, caption, hit):
     v = verdict("caption_clean", caption, blocklist_words=words)
@@ -238,8 +259,7 @@ def test_blocklist_words(words, caption, hit):
 
 
 def test_blocklist_patterns_and_empty_after_clean():
-    loonie = captions("en")["symbols/money/canadian/coins/100loonie"]
-    v = verdict("caption_clean", loonie, blocklist_patterns=[r"\d{5}", r"(?i)\bcanad"])
+    v = verdict("caption_clean", LOONIE, blocklist_patterns=[r"\d{5}", r"(?i)\bcanad"])
     assert v.reason == r"blocklisted: pattern (?i)\bcanad"
     v = verdict("caption_clean", '<img src="x.jpg"> https://example.org/x.jpg')
     assert v.filter == "caption_clean" and v.reason.startswith("empty_after_clean: ")
@@ -272,7 +292,7 @@ def test_caption_key_is_a_stable_hash_of_the_normalised_caption():
 
 @pytest.mark.parametrize("repeats, rejected", [(10, False), (11, True)])
 def test_all_occurrences_of_a_too_frequent_caption_are_dropped(repeats, rejected):
-    rhea = captions("en")["animals/birds/nandou"]
+    rhea = RHEA["en"]
     variants = [rhea, rhea.upper(), f"  {rhea.lower()}", rhea.rstrip(".")]
     others = list(captions("de").values())[:50]
     caps = others[:25] + [variants[i % 4] for i in range(repeats)] + others[25:]
@@ -306,7 +326,7 @@ def test_frequency_matches_a_counter_on_all_real_english_captions():
     reasons = make_filter("caption_frequency", CaptionFrequencyConfig(max_count=1)).global_reasons(
         key_table(caps), np.ones(len(caps), bool))
     assert [r is not None for r in reasons] == [counts[normalise(c)] > 1 for c in caps]
-    assert 10 < sum(r is not None for r in reasons) < len(caps) // 2
+    assert len(caps) // 20 < sum(r is not None for r in reasons) < len(caps) // 2  # many repeat, most do not
 
 
 def test_frequency_scales_without_a_python_loop_per_row():

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_prep.build import build_from_overrides
 from launch.local import rank_env, torchrun_command
 from pretrain.export import export_checkpoint, load_exported
 from pretrain.monitor import read_metrics
+from tests import stamps
 
 TIMEOUT = 480
 
@@ -57,24 +59,66 @@ def test_flip_runs_masked_then_unmasked_phase_in_one_command(small_build, tmp_pa
     assert lr[5] < 0.2 * lr[3]
 
 
-def test_limoe_expert_parallel_keeps_every_modality_spread_over_experts(small_build, tmp_path: Path) -> None:
-    """The demo-sized LiMoE, experts split over the 2 ranks (ep_size=2) under ZeRO-2, 40 steps of
-    real data: neither modality collapses onto one expert."""
-    run = tmp_path / "limoe"
-    tau = 0.7
-    steps = run_experiment(run, small_build.out_dir, "limoe", "steps=40", "model.moe.ep_size=2", f"model.moe.tau={tau}",
-                           "eval.zeroshot.0.limit=300")
-    check_trained_and_evaluated(run, steps, "limoe")
+LIMOE_TAU = 0.7  # conf/experiment/limoe.yaml: each modality keeps ~2 of the 4 experts busy
+
+
+@pytest.fixture(scope="module")
+def other_build(tmp_path_factory: pytest.TempPathFactory, small_stamps: stamps.StampTree,
+                small_overrides: list[str]) -> Path:
+    """The small build's recipe on other data: its stamps start at the middle top-level folder on
+    disk instead of the first, and the build's seed (unit order, split) differs."""
+    folders = stamps.categories()
+    middle = folders[len(folders) // 2]
+    start = next(i for i, s in enumerate(stamps.all_stamps()) if s.rel.startswith(f"{middle}/"))
+    tree = stamps.make_stamp_tree(tmp_path_factory.mktemp("other_stamps"), len(small_stamps.plain), start)
+    out = tmp_path_factory.mktemp("other_prep") / "data"
+    overrides = [o for o in small_overrides if not o.startswith("sources.tuxpaint.root=")]
+    build_from_overrides([f"out_dir={out}", *overrides, f"sources.tuxpaint.root={tree.root}", "seed=1"])
+    return out
+
+
+def spread_failures(steps: dict[int, dict], tau: float) -> list[str]:
+    """What says a modality collapsed onto few experts in a LiMoE run with 4 experts in 2 layers:
+    the mean over steps of the entropy of where its tokens went (this rank's, and every rank's)
+    below ``tau``, or one expert taking 90% of its tokens in any of the last 10 steps."""
     logged = [s for s in steps.values() if "train/loss" in s]
+    failures = []
     for layer in (0, 1):
         for modality in ("image", "text"):
             prefix = f"moe/layer{layer}/{modality}"
-            usage = [s[f"{prefix}/usage_entropy"] for s in logged]
-            assert sum(usage) / len(usage) >= tau, f"{prefix}: mean usage entropy {sum(usage) / len(usage):.2f} < tau"
-            assert all(s[f"{prefix}/global_entropy"] >= tau for s in logged)
+            for name in ("usage_entropy", "global_entropy"):
+                mean = sum(s[f"{prefix}/{name}"] for s in logged) / len(logged)
+                if mean < tau:
+                    failures.append(f"{prefix}: mean {name} {mean:.2f} < tau {tau}")
             top_share = max(max(s[f"{prefix}/load_e{e}"] for e in range(4)) for s in logged[-10:])
-            assert top_share < 0.9, f"{prefix}: one expert took {top_share:.0%} of the tokens"
+            if top_share >= 0.9:
+                failures.append(f"{prefix}: one expert took {top_share:.0%} of the tokens")
+    return failures
+
+
+@pytest.mark.parametrize("data", ["small", "other"])
+def test_limoe_expert_parallel_keeps_every_modality_spread_over_experts(small_build, other_build, tmp_path: Path,
+                                                                       data: str) -> None:
+    """The demo-sized LiMoE, experts split over the 2 ranks (ep_size=2) under ZeRO-2, 40 steps of
+    real data, on two data sets and orders: neither modality collapses onto one expert. The global
+    entropy loss is a hinge, so the entropy may dip below tau for a few steps before it acts."""
+    run = tmp_path / "limoe"
+    root, seeds = (small_build.out_dir, []) if data == "small" else (other_build, ["seed=1", "data.seed=1"])
+    steps = run_experiment(run, root, "limoe", "steps=40", "model.moe.ep_size=2", *seeds)
+    check_trained_and_evaluated(run, steps, "limoe")
+    assert spread_failures(steps, LIMOE_TAU) == []
+    logged = [s for s in steps.values() if "train/loss" in s]
     assert "moe/aux/load" in logged[-1] and "moe/aux/global_entropy" in logged[-1]
+    assert "moe/layer0/text/router_entropy" in logged[-1]
+
+
+def test_limoe_without_the_global_entropy_loss_collapses_a_modality(small_build, tmp_path: Path) -> None:
+    """The control of the test above: the same run with the global entropy loss off. The local
+    entropy loss alone makes tokens commit, and a modality commits to few experts; the check fails."""
+    steps = run_experiment(tmp_path / "limoe", small_build.out_dir, "limoe", "steps=40", "model.moe.ep_size=2",
+                           "model.moe.global_entropy_weight=0", "eval.zeroshot=[]", "eval.retrieval=[]")
+    failures = spread_failures(steps, LIMOE_TAU)
+    assert any("mean usage_entropy" in f for f in failures), failures
 
 
 def test_expert_parallel_training_matches_plain_data_parallel_under_zero3(small_build, tmp_path: Path) -> None:

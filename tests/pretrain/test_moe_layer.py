@@ -13,6 +13,7 @@ from pretrain.losses.moe_aux import (
     importance_loss,
     load_balancing_loss,
     local_entropy_loss,
+    router_entropy,
 )
 from pretrain.models.moe import MoeMlp, expert_capacity
 
@@ -161,43 +162,79 @@ def test_local_entropy_by_hand() -> None:
     assert local_entropy_loss(PROBS).item() == pytest.approx(0.5273403, abs=1e-6)
 
 
+TOP1 = PROBS.argmax(dim=-1, keepdim=True)  # (4, 1): experts 0, 0, 1, 0
+
+
 def test_global_entropy_and_hinge_by_hand() -> None:
-    # H(0.65, 0.35) = 0.65 * ln(1/0.65) + 0.35 * ln(1/0.35) = 0.6474466
-    assert global_entropy(PROBS).item() == pytest.approx(0.6474466, abs=1e-6)
-    assert global_entropy_loss(PROBS, tau=0.6).item() == 0.0  # above tau: no penalty
-    assert global_entropy_loss(PROBS, tau=0.69).item() == pytest.approx(0.69 - 0.6474466, abs=1e-6)
+    # Where the tokens went: shares (0.75, 0.25); H = 0.75 ln(4/3) + 0.25 ln 4 = 0.5623351.
+    assert global_entropy(PROBS, TOP1).item() == pytest.approx(0.5623351, abs=1e-6)
+    # LIMoE's quantity, of the mean probabilities (0.65, 0.35): 0.6474466.
+    assert router_entropy(PROBS).item() == pytest.approx(0.6474466, abs=1e-6)
+    assert global_entropy_loss(PROBS, TOP1, tau=0.5).item() == 0.0  # above tau: no penalty
+    assert global_entropy_loss(PROBS, TOP1, tau=0.6).item() == pytest.approx(0.6 - 0.5623351, abs=1e-6)
 
 
-def test_global_entropy_hinge_gradient() -> None:
+def test_global_entropy_gradient_flows_through_the_mean_probabilities() -> None:
+    # d(tau - H)/d(probs[t, e]) = log(share_e) / T: each expert's share, not its probability, sets
+    # the push, and the +1 of d(-x log x) cancels because every token's probabilities sum to 1.
+    probs = PROBS.clone().requires_grad_()
+    global_entropy_loss(probs, TOP1, tau=0.6).backward()
+    expected = torch.log(torch.tensor([0.75, 0.25])).expand(4, 2) / 4
+    torch.testing.assert_close(probs.grad, expected)
     logits = torch.randn(16, 4, requires_grad=True)
-    global_entropy_loss(logits.softmax(dim=-1), tau=0.0).backward()  # tau below any entropy: flat
+    index = logits.argmax(dim=-1, keepdim=True)
+    global_entropy_loss(logits.softmax(dim=-1), index, tau=0.0).backward()  # tau below any entropy: flat
     assert logits.grad is not None and bool((logits.grad == 0).all())
     logits.grad = None
-    global_entropy_loss(logits.softmax(dim=-1), tau=math.log(4) + 1.0).backward()  # tau above any entropy: pushes
+    global_entropy_loss(logits.softmax(dim=-1), index, tau=math.log(4) + 1.0).backward()  # above any: pushes
     assert logits.grad.abs().sum() > 0
 
 
-def test_uniform_router_maximises_global_entropy() -> None:
+def test_a_collapse_under_a_flat_router_is_seen_and_pushed_back() -> None:
+    """The weakness the assignment entropy fixes: logits that differ by a small offset shared by
+    every token put all tokens on one expert while the mean probabilities stay nearly uniform, so
+    LIMoE's entropy of the mean probabilities sits near log E and its thresholded loss is zero."""
+    torch.manual_seed(0)
+    logits = (0.01 * torch.randn(64, 4) + torch.tensor([0.05, 0.0, 0.0, 0.0])).requires_grad_()  # (T, E)
+    probs = logits.softmax(dim=-1)
+    index = probs.argmax(dim=-1, keepdim=True)
+    assert bool((index == 0).all())  # every token on expert 0
+    assert router_entropy(probs).item() > 0.99 * math.log(4)  # ... yet the mean distribution is flat
+    assert torch.clamp(0.7 - router_entropy(probs), min=0).item() == 0.0  # LIMoE's form: no signal
+    loss = global_entropy_loss(probs, index, tau=0.7)
+    assert loss.item() == pytest.approx(0.7)  # assignment entropy 0
+    loss.backward()
+    # Descent lowers expert 0's logit and raises the idle experts', for every token.
+    assert bool((logits.grad[:, 0] > 0).all()) and bool((logits.grad[:, 1:] < 0).all())
+
+
+def test_uniform_router_maximises_router_entropy() -> None:
     torch.manual_seed(0)
     layer = MoeMlp(dim=8, hidden=16, num_experts=4)
     with torch.no_grad():
         layer.router.weight.zero_()
     _, stats = layer(torch.randn(20, 8))
-    assert global_entropy(stats.probs).item() == pytest.approx(math.log(4), abs=1e-6)
+    assert router_entropy(stats.probs).item() == pytest.approx(math.log(4), abs=1e-6)
     for _ in range(5):
         skewed = torch.randn(20, 4).mul(3).softmax(dim=-1)
-        assert global_entropy(skewed).item() < math.log(4)
+        assert router_entropy(skewed).item() < math.log(4)
+        assert global_entropy(skewed, skewed.argmax(dim=-1, keepdim=True)).item() <= math.log(4) + 1e-6
 
 
 def test_reduce_fn_sums_statistics_across_ranks() -> None:
-    # Two simulated ranks with different token counts: the reduced entropy must be the entropy of
-    # the mean over all 7 tokens, not the mean of the two per-rank entropies.
+    # Two simulated ranks with different token counts: the reduced entropies must be those of all
+    # 7 tokens, not the mean of the two per-rank entropies.
     torch.manual_seed(0)
-    probs = torch.randn(7, 3).softmax(dim=-1)
-    rank0, rank1 = probs[:4], probs[4:]
-    rank1_stats = torch.cat([rank1.sum(dim=0), torch.tensor([3.0])])  # what rank 1 contributes
-    reduced = global_entropy(rank0, reduce_fn=lambda s: s + rank1_stats)
-    assert reduced.item() == pytest.approx(global_entropy(probs).item(), abs=1e-6)
+    probs = torch.randn(7, 3).mul(2).softmax(dim=-1)
+    index = probs.argmax(dim=-1, keepdim=True)
+    rank1 = probs[4:]
+    counts1 = torch.bincount(index[4:].reshape(-1), minlength=3).float()
+    rank1_stats = torch.cat([rank1.sum(dim=0), counts1, torch.tensor([3.0])])  # what rank 1 contributes
+    reduced = global_entropy(probs[:4], index[:4], reduce_fn=lambda s: s + rank1_stats)
+    assert reduced.item() == pytest.approx(global_entropy(probs, index).item(), abs=1e-6)
+    assert reduced.item() != pytest.approx(global_entropy(probs[:4], index[:4]).item(), abs=1e-3)
+    reduced = router_entropy(probs[:4], reduce_fn=lambda s: s + rank1_stats)
+    assert reduced.item() == pytest.approx(router_entropy(probs).item(), abs=1e-6)
 
 
 def test_router_noise_only_in_training() -> None:

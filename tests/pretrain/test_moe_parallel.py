@@ -141,7 +141,8 @@ def _entropy_rank(rank: int, world: int, port: int, out: str) -> None:
     from pretrain.losses.moe_aux import global_entropy_loss
 
     logits = torch.randn(10, 4, generator=torch.Generator().manual_seed(rank)).mul(2).requires_grad_()
-    loss = global_entropy_loss(logits.softmax(dim=-1), tau=math.log(4), reduce_fn=all_reduce_sum_with_grad)
+    index = logits.argmax(dim=-1, keepdim=True)
+    loss = global_entropy_loss(logits.softmax(dim=-1), index, tau=math.log(4), reduce_fn=all_reduce_sum_with_grad)
     loss.backward()
     torch.save({"loss": loss.detach(), "grad": logits.grad}, f"{out}.{rank}")
     dist.destroy_process_group()
@@ -156,7 +157,7 @@ def test_global_entropy_is_taken_over_every_ranks_tokens(tmp_path: Path) -> None
     mp.spawn(_entropy_rank, args=(2, free_port(), out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     logits = torch.cat([torch.randn(10, 4, generator=torch.Generator().manual_seed(r)).mul(2) for r in range(2)]).requires_grad_()
-    reference = global_entropy_loss(logits.softmax(dim=-1), tau=math.log(4))
+    reference = global_entropy_loss(logits.softmax(dim=-1), logits.argmax(dim=-1, keepdim=True), tau=math.log(4))
     # Every rank computes the same global loss; the trainer sums (averages) it over ranks: scale 2.
     (2 * reference).backward()
     assert reference.item() > 0
