@@ -12,7 +12,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import deepspeed
 import torch
@@ -72,6 +72,17 @@ def init_distributed(backend: str = "auto") -> DistInfo:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def rank_mean(values: Sequence[float | torch.Tensor], device: torch.device) -> list[float]:
+    """The mean over ranks of each value (floats or 0-dim tensors), in one all-reduce.
+
+    The packed tensor is built on the compute device: NCCL takes CUDA tensors only, and stacking
+    the device tensors there also makes one host sync instead of one per value.
+    """
+    packed = torch.stack([torch.as_tensor(v, device=device).detach().to(torch.float64).reshape(()) for v in values])  # (V,)
+    dist.all_reduce(packed)
+    return (packed / dist.get_world_size()).tolist()
 
 
 def ds_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -131,13 +131,13 @@ def zeroshot_classifier(encode_text: Callable[[torch.Tensor], torch.Tensor], tok
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Sequence[int]) -> dict[str, float]:
     """logits (N, C), labels (N,) -> {"top1": .., "top5": ..}."""
     top = logits.topk(max(ks), dim=-1).indices  # (N, kmax)
-    hit = top == labels[:, None]  # (N, kmax)
+    hit = top == labels.to(top.device)[:, None]  # (N, kmax); the labels were loaded on the host
     return {f"top{k}": hit[:, :k].any(dim=-1).float().mean().item() for k in ks}
 
 
 def retrieval_recall(sim: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
     """sim (N, N) image x text, pair i <-> i -> recall@k in both directions."""
-    target = torch.arange(sim.shape[0])
+    target = torch.arange(sim.shape[0], device=sim.device)
     out = {}
     for direction, s in (("image_to_text", sim), ("text_to_image", sim.T)):
         # rank of the true match: how many candidates score strictly higher

@@ -193,21 +193,18 @@ class Trainer:
         seconds = time.perf_counter() - interval.t0
         wait_frac = (self.loader.wait_seconds - interval.wait0) / max(seconds, 1e-9)
         names = sorted(self.last_metrics)  # the same on every rank: same model, same layers
-        extra = [float(self.last_metrics[k]) for k in names]
-        packed = torch.tensor([losses["loss"], wait_frac, *extra], dtype=torch.float64)
-        dist.all_reduce(packed)
-        packed /= self.dist.world_size
+        packed = engine_lib.rank_mean([losses["loss"], wait_frac, *(self.last_metrics[k] for k in names)], self.dist.device)
         samples = (self.state.step - interval.step0) * self.samples_per_step
         metrics = {
-            "train/loss": packed[0].item(),
+            "train/loss": packed[0],
             "train/lr": self.engine.get_lr()[0],
             "train/logit_scale": losses["logit_scale"],
             **self.throughput.metrics(samples, seconds),
-            "data/wait_frac": packed[1].item(),
+            "data/wait_frac": packed[1],
             "data/epoch": self.loader.epoch,
             "data/corrupt_samples": float(self.loader.corrupt),
             "train/nonfinite_steps": float(self.state.nonfinite_steps),
-            **{k: packed[2 + i].item() for i, k in enumerate(names)},
+            **{k: packed[2 + i] for i, k in enumerate(names)},
         }
         if self.cfg.model.arch == Arch.flip:  # which phase the last step ran in
             metrics["train/mask_ratio"] = self.cfg.model.flip.mask_ratio * masking_enabled(self.cfg, self.state.step - 1)
