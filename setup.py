@@ -30,6 +30,8 @@ INSTALL_REQUIRES = [
     "imagehash==4.3.2",
     "scipy==1.17.1",
     "pywavelets==1.9.0",
+    # data_prep.storage: s3:// through s3fs (its aiohttp also serves http(s)://); gs:// needs gcsfs
+    "s3fs==2026.9.0",
 ]
 
 EXTRAS_REQUIRE = {
@@ -38,7 +40,9 @@ EXTRAS_REQUIRE = {
         "pytest-timeout==2.4.0",
         "psutil==7.2.2",  # bench/: process-tree memory
         "hypothesis==6.170.15",  # fuzzing the readers and text filters
+        "moto[server]==5.2.6",  # a real S3-API server on 127.0.0.1 for the object-storage tests
     ],
+    "gcs": ["gcsfs"],  # gs:// datasets
 }
 
 setup(

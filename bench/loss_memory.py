@@ -2,7 +2,7 @@
 OpenCLIP's ``ClipLoss`` vs ours (naive and chunked), one run, same inputs.
 
     ./run bench loss_memory [--batches 4096,16384,65536] [--dim 512] [--tile 1024] [--repeats 5]
-                            [--limit-gib 20] [--threads N] [--systems openclip,naive,chunked]
+                            [--limit-gib 20] [--threads N] [--systems openclip,naive,chunked] [--smoke]
     (``./run bench NAME`` runs bench/NAME.py with the venv; ``.venv/bin/python bench/loss_memory.py``
     works too.)
 
@@ -54,11 +54,21 @@ OpenCLIP must agree to 1e-4 relative, which shows all three compute the same los
 Output: a table (system, batch, peak MiB, median seconds, or "does not fit in N GiB"), then the
 targets: at 16k, peak memory OpenCLIP / ours chunked >= 30x; at 64k, ours chunked peak < 2 GB
 (2e9 bytes) while OpenCLIP does not fit in 20 GiB; at 4k, time ours chunked / ours naive <= 1.3x.
-Last line: ``memory_ratio_vs_openclip_16k: X`` (OpenCLIP peak / ours chunked peak at 16k).
+Last line: ``memory_ratio_vs_openclip_16k: X`` (OpenCLIP peak / ours chunked peak at 16k; ``n/a``
+where that was not measured).
 Runtime: about 10 minutes on a quiet 2-core CPU, most of it ours chunked at 64k (every block is
 computed in forward and again in backward) and the first 16 GiB logit matrix that OpenCLIP and
 ours naive fill at 64k before the second one fails to fit. Threads: torch's default (one per core)
 unless ``--threads``. Timings on a shared machine are noisy; memory is not.
+
+``--smoke``: the same run at tiny sizes, to check that the script works, not to measure (about
+10 s on 2 cores, most of it the two children importing torch): batch 1024 only, D=32, tile 256 (so
+ours chunked still visits 4 x 4 blocks), 1 repetition; ours naive and ours chunked, each in its own
+capped child, their input digests compared, then the table. OpenCLIP is never run, whatever
+``--systems`` says (its venv may not exist, and a smoke installs nothing): a line says so, the loss
+check says it was skipped, and the last line is ``memory_ratio_vs_openclip_16k: n/a (smoke:
+reference not run)``. The 4k, 16k and 64k target lines need those batches, so they are not printed.
+Flags given beside ``--smoke`` still apply (``--smoke --batches 4096`` adds the 4k time line).
 """
 from __future__ import annotations
 
@@ -78,6 +88,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 OC_VENV = ROOT / ".bench" / "openclip-venv"
 OC_PYTHON = OC_VENV / "bin" / "python"
@@ -88,6 +100,9 @@ WARMUP_ROWS = 4096
 LOSS_RTOL = 1e-4
 GiB, MiB = 2**30, 2**20
 RESULT = "RESULT "  # prefix of the child's one JSON line, so stray library output cannot be mistaken for it
+# --smoke: one small batch and 1 repetition, so that each child's time is its torch import (B=4096 took
+# ~7 s more on a loaded 2-core machine); a tile below B so that ours chunked really tiles.
+SMOKE = {"batches": "1024", "dim": 32, "tile": 256, "repeats": 1}
 
 
 # ----------------------------------------------------------------------------------------------- child
@@ -302,6 +317,17 @@ def find(results: list[Result], system: str, batch: int) -> Optional[Result]:
     return next((r for r in results if r.system == system and r.batch == batch), None)
 
 
+def systems_to_run(requested: str, is_smoke: bool) -> list[str]:
+    """The systems of ``--systems`` in table order; a smoke leaves OpenCLIP out (printed), since its
+    venv may not exist and a smoke never creates it."""
+    systems = [s for s in SYSTEMS if s in requested.split(",")]
+    if is_smoke and "openclip" in systems:
+        systems.remove("openclip")
+        print(f"{LABELS['openclip']}: skipped (smoke: the reference runs from its own venv "
+              f"{OC_VENV.relative_to(ROOT)}, which a smoke never creates or runs)", flush=True)
+    return systems
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="4096,16384,65536", help="global batch sizes, comma-separated")
@@ -314,13 +340,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
     p.add_argument("--limit-bytes", type=int, help=argparse.SUPPRESS)
-    a = p.parse_args()
+    a = smoke.parse_args(p, SMOKE, "seconds, checks the script works: B=1024, D=32, 1 repetition, ours only "
+                                   "(OpenCLIP skipped, nothing installed); see the docstring")
     batches = sorted(int(b) for b in a.batches.split(","))
     if a.child:
         print(RESULT + json.dumps(child(a.child, batches[0], a.dim, a.tile, a.repeats, a.limit_bytes, a.seed,
                                          a.threads)), flush=True)
         return
-    systems = [s for s in SYSTEMS if s in a.systems.split(",")]
+    systems = systems_to_run(a.systems, a.smoke)
     if "openclip" in systems:
         ensure_openclip()
 
@@ -395,7 +422,7 @@ def main() -> None:
         print(f"4k: time ours chunked / ours naive = {ch4.seconds:.3f} / {nv4.seconds:.3f} s = {t:.2f}x "
               f"(target <= 1.3x: {'met' if t <= 1.3 else 'NOT met'})")
     print(f"memory_ratio_vs_openclip_16k: {ratio_16k:.1f}" if not math.isnan(ratio_16k)
-          else "memory_ratio_vs_openclip_16k: n/a")
+          else f"memory_ratio_vs_openclip_16k: {smoke.SKIPPED if a.smoke else 'n/a'}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ vs a dense MLP of the same active parameters, forward + backward, one run, same 
 
     ./run bench moe_layer [--dim 768] [--hidden 3072] [--experts 8] [--tokens 3152]
                           [--steps 15] [--warmup 2] [--capacity-factor 1.0] [--threads N]
-                          [--profile]
+                          [--profile] [--smoke]
 
 (``./run bench NAME`` runs bench/NAME.py with the venv; ``.venv/bin/python bench/moe_layer.py``
 works too.) Defaults are a LiMoE-B/16 MLP: D=768, H=3072, E=8 experts, top-1, capacity factor 1.0,
@@ -55,6 +55,12 @@ X = ours / DeepSpeed tokens/s and Y = ours / dense tokens/s.
 Targets: X >= 1.0 (as fast as DeepSpeed's layer with the same experts), Y >= 0.7 (routing,
 dispatch and combine cost at most ~30% on top of the expert FLOPs a dense MLP also pays).
 ``--profile`` then prints torch.profiler's top operators of our layer's forward + backward.
+
+``--smoke``: the same run at tiny sizes, to check that the script works, not to measure (about 10 s
+on 2 cores, nearly all of it importing torch, timm and DeepSpeed): D=32, H=64, E=4, T=64 (C=16),
+1 warm-up and 1 timed round. All three systems run, DeepSpeed included (it is installed in the
+project's venv), and so does the check that both MoE layers compute the same function. Flags given
+beside ``--smoke`` still apply.
 """
 from __future__ import annotations
 
@@ -69,8 +75,13 @@ from typing import Callable
 import torch
 from torch import nn
 
+import smoke
 from pretrain.engine import init_distributed
 from pretrain.models.moe import MoeMlp
+
+# --smoke: every system and the check still run; T = 16 x E leaves 16 slots per expert at cf=1, so
+# some tokens are dropped and the dropped-count check compares something.
+SMOKE = {"dim": 32, "hidden": 64, "experts": 4, "tokens": 64, "steps": 1, "warmup": 1}
 
 # A forward + backward of one system on (x, cotangent); returns nothing, leaves grads behind.
 Step = Callable[[torch.Tensor, torch.Tensor], None]
@@ -223,7 +234,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="then print torch.profiler's table of ours")
-    a = p.parse_args()
+    a = smoke.parse_args(p, SMOKE, "seconds, checks the script works: D=32 H=64 E=4 T=64, 1 round, all three "
+                                   "systems and the check; see the docstring")
     if a.steps < 1 or a.warmup < 0:
         p.error("need --steps >= 1 and --warmup >= 0")
 

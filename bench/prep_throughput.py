@@ -1,6 +1,7 @@
 """Dataset-building throughput: data_prep vs img2dataset, same URLs, same resize and output, one run.
 
     .venv/bin/python bench/prep_throughput.py [--urls 8000] [--photo-urls 1000] [--repeats 3] [--skip-install]
+    .venv/bin/python bench/prep_throughput.py --smoke   # seconds: data_prep and filter-only, no img2dataset
 
 Download benchmark. URL tables (parquet, columns url/caption) of real images are served by
 ``tests/data_prep/image_server.py`` (threaded HTTP/1.1, keep-alive) on 127.0.0.1, started in its own
@@ -63,9 +64,15 @@ thread; samples/s per core = samples / CPU seconds of that process (other load o
 not count). Every sample goes through every stage (no early rejection), the worst case; the decode
 is charged to the first stage that needs the image; one-time costs (model load, lazy imports) are
 left out, as a worker pays them once. The laion preset's ``clip_score`` needs a model: an untrained
-``tiny_test`` CLIP (conf/model/tiny_test.yaml, random weights, a tokenizer trained on the captions)
+``tiny_test`` CLIP (conf/size/tiny_test.yaml, random weights, a tokenizer trained on the captions)
 exported in ``pretrain.export``'s layout; throughput does not depend on the weights. It is reported
 alone too.
+
+Smoke (``--smoke``): checks the benchmark still runs, in seconds; measures nothing. Tiny sizes
+(SMOKE below: 32 clip-art URLs, no photo list, Tux Paint stamps only, 1 repeat, 16 filter-only
+samples; flags given explicitly still win), data_prep only: img2dataset is neither installed nor
+run. Outputs under .bench/prep_throughput_smoke/ (removed unless ``--keep``); the last line is
+``ratio_vs_img2dataset: n/a (smoke: reference not run)``.
 
 Last line: ``ratio_vs_img2dataset: X`` (data_prep / img2dataset samples/s per core, clip-art list).
 """
@@ -91,11 +98,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from train_throughput import PeakRss  # same sampler as the training benchmark (this folder is on sys.path)
+# bench/, this file's folder, is sys.path[0]: its modules import as top-level ones.
+import smoke
+from train_throughput import PeakRss  # same sampler as the training benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / ".bench"
 OUT = BENCH / "prep_throughput"
+OUT_SMOKE = BENCH / "prep_throughput_smoke"  # apart from OUT: a smoke never deletes a kept real run
 I2D_VENV = BENCH / "img2dataset-venv"
 I2D_BIN = I2D_VENV / "bin" / "img2dataset"
 I2D_PACKAGES = ["img2dataset==1.47.0"]  # resolves as is on Python 3.11 (opencv-python-headless, albumentations 1.4)
@@ -105,6 +115,11 @@ OPENCLIPART = SERVE_ROOT / "openclipart" / "png"
 PHOTOS = SERVE_ROOT / "tuxpaint" / "templates"
 MAX_PIXELS = 4_000_000
 PRESETS = ("wukong", "laion", "datacomp_basic", "align")
+# --smoke's argument values: enough to run every step of our side once (a build on both processes,
+# a filter-only batch), small enough for seconds. No photo list: it would be a second build through
+# the same code, as long as the first. Tux Paint only: OpenClipart's 8k files would add seconds of
+# header and page-cache reads that check nothing more.
+SMOKE = {"urls": 32, "photo_urls": 0, "repeats": 1, "filter_samples": 16, "no_openclipart": True}
 # Nothing may reach the internet: no W&B, no albumentations update check, no proxies.
 QUIET_ENV = {"WANDB_MODE": "disabled", "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
 
@@ -193,6 +208,11 @@ def ensure_img2dataset(skip_install: bool) -> None:
     subprocess.run([str(I2D_VENV / "bin" / "python"), "-m", "pip", "install", "-q", *I2D_PACKAGES], check=True)
 
 
+def img2dataset_version() -> str:
+    out = subprocess.run([str(I2D_VENV / "bin" / "pip"), "show", "img2dataset"], capture_output=True, text=True)
+    return out.stdout.split("Version: ")[1].split()[0]
+
+
 def run_measured(cmd: list[str], log: Path, server: psutil.Process) -> tuple[float, float, float, float]:
     """Run ``cmd``; return (wall s, client tree CPU s, server CPU s, peak tree RSS MiB)."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
@@ -272,8 +292,10 @@ def tiny_clip_export(captions: list[str], out: Path) -> Path:
     from pretrain.models import CLIP
 
     out.mkdir(parents=True, exist_ok=True)
+    # conf/size/ holds the sizes (its files are model's package); the architecture is ModelConfig's
+    # default, clip, what conf/model/clip.yaml sets.
     model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig),
-                                                OmegaConf.load(ROOT / "conf" / "model" / "tiny_test.yaml")))
+                                                OmegaConf.load(ROOT / "conf" / "size" / "tiny_test.yaml")))
     tokenizer = Tokenizer(train_tokenizer(captions, out, vocab_size=1000), model.text.context_length)
     model.text.vocab_size = tokenizer.vocab_size
     cfg = TrainConfig(model=model)
@@ -358,16 +380,18 @@ def filter_only(pool: list[tuple[Path, str]], n: int, batch_size: int, out: Path
           f"(without clip_score: {n / (total - clip):.1f}; clip_score alone: {n / clip:.1f})")
 
 
-def compare(a: argparse.Namespace, tables: dict[str, tuple[Path, int]], server: psutil.Process) -> dict[str, list[Run]]:
-    """Both systems on every list, ``--repeats`` times, alternating which goes first; runs by
-    ``"<list>/<system>"``."""
+def compare(a: argparse.Namespace, tables: dict[str, tuple[Path, int]], server: psutil.Process,
+            out_root: Path) -> dict[str, list[Run]]:
+    """Both systems (data_prep only with ``--smoke``) on every list, ``--repeats`` times, alternating
+    which goes first; runs by ``"<list>/<system>"``."""
     runs: dict[str, list[Run]] = {}
+    systems = ("data_prep",) if a.smoke else ("data_prep", "img2dataset")
     for i in range(a.repeats):
         for label, (table, n) in tables.items():
             # A short list still gives every process a shard.
             opts = argparse.Namespace(**{**vars(a), "per_shard": min(a.per_shard, -(-n // a.processes))})
-            for system in (("data_prep", "img2dataset") if i % 2 == 0 else ("img2dataset", "data_prep")):
-                out = OUT / f"{label.split()[0]}-rep{i}"
+            for system in (systems if i % 2 == 0 else systems[::-1]):
+                out = out_root / f"{label.split()[0]}-rep{i}"
                 r = (run_data_prep if system == "data_prep" else run_img2dataset)(opts, table, out, server)
                 runs.setdefault(f"{label}/{r.system}", []).append(r)
                 print(f"  rep {i} {label}, {r.system}: {r.samples}/{n} samples in {r.wall_s:.1f} s, "
@@ -379,11 +403,11 @@ def compare(a: argparse.Namespace, tables: dict[str, tuple[Path, int]], server: 
             got = [r.samples for k, rs in runs.items() if k.startswith(label + "/") for r in rs]
             if min(got) < 0.98 * n or max(got) - min(got) > 0.005 * n:
                 sys.exit(f"{label}: written samples differ or too many failed ({min(got)}..{max(got)} of {n}): "
-                         f"see the logs under {OUT}")
+                         f"see the logs under {out_root}")
     return runs
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--urls", type=int, default=8000, help="URLs of the clip-art list (the headline)")
     p.add_argument("--photo-urls", type=int, default=1000, help="URLs of the photo list (0: skip it)")
@@ -396,8 +420,17 @@ def main() -> None:
     p.add_argument("--filter-samples", type=int, default=2000, help="samples of the filter-only benchmark (0: skip it)")
     p.add_argument("--no-openclipart", action="store_true", help="Tux Paint stamps only in the clip-art list")
     p.add_argument("--skip-install", action="store_true", help="use the img2dataset venv as it is if present")
-    p.add_argument("--keep", action="store_true", help="keep run outputs under .bench/prep_throughput/")
-    a = p.parse_args()
+    p.add_argument("--keep", action="store_true",
+                   help="keep run outputs under .bench/prep_throughput/ (--smoke: .bench/prep_throughput_smoke/)")
+    return smoke.parse_args(p, SMOKE, "seconds: data_prep and filter-only at tiny sizes (32 clip-art URLs, no photos, "
+                            "1 repeat, 16 filter samples, Tux Paint only; explicit flags win), img2dataset not "
+                            "installed or run",
+                            argv)
+
+
+def main() -> None:
+    a = parse_args()
+    out_root = OUT_SMOKE if a.smoke else OUT
     if not TUXPAINT.is_dir():
         sys.exit(f"{TUXPAINT} is missing: apt-get install tuxpaint-stamps-default")
     use_openclipart = not a.no_openclipart and OPENCLIPART.is_dir()
@@ -407,33 +440,35 @@ def main() -> None:
     if a.photo_urls and not PHOTOS.is_dir():
         print(f"note: {PHOTOS} is missing (apt-get install tuxpaint-data): no photo list", flush=True)
         a.photo_urls = 0
-    ensure_img2dataset(a.skip_install)
-    subprocess.run(["rm", "-rf", str(OUT)], check=True)  # fresh outputs: nothing to resume
+    if a.smoke:
+        print("smoke: img2dataset (the reference) not installed or run; data_prep side only, tiny sizes", flush=True)
+    else:
+        ensure_img2dataset(a.skip_install)
+    subprocess.run(["rm", "-rf", str(out_root)], check=True)  # fresh outputs: nothing to resume
     pools = {"clip art": image_pool(use_openclipart), "photos": photo_pool() if a.photo_urls else []}
     for path, _ in pools["clip art"] + pools["photos"]:
         path.read_bytes()  # page cache warm for whichever system runs first
-    version = subprocess.run([str(I2D_VENV / "bin" / "pip"), "show", "img2dataset"], capture_output=True,
-                             text=True).stdout.split("Version: ")[1].split()[0]
+    version = "not run (smoke)" if a.smoke else img2dataset_version()
     server_proc, base = start_server()
     try:
         tables = {}
         for label, n in (("clip art", a.urls), ("photos", a.photo_urls)):
             if n:
-                tables[label] = (OUT / f"{label.split()[0]}.parquet", n)
+                tables[label] = (out_root / f"{label.split()[0]}.parquet", n)
                 write_url_table(pools[label], n, base, tables[label][0])
         print(f"img2dataset {version} | clip art: {a.urls} URLs of {len(pools['clip art'])} PNGs "
               f"({'Tux Paint + OpenClipart' if use_openclipart else 'Tux Paint'}); photos: {a.photo_urls} URLs of "
               f"{len(pools['photos'])} JPEGs | server {base} (own process) | {a.processes} processes x {a.threads} "
               f"threads, <= {a.per_shard} URLs/shard | keep_ratio {a.size} px, jpg q95, webdataset | {os.cpu_count()} "
               f"cores, load average before: {os.getloadavg()[0]:.2f}", flush=True)
-        runs = compare(a, tables, psutil.Process(server_proc.pid))
+        runs = compare(a, tables, psutil.Process(server_proc.pid), out_root)
     finally:
         server_proc.terminate()
         server_proc.wait()
     if a.filter_samples:
-        filter_only(pools["clip art"], min(a.filter_samples, len(pools["clip art"])), 256, OUT)
+        filter_only(pools["clip art"], min(a.filter_samples, len(pools["clip art"])), 256, out_root)
     if not a.keep:
-        subprocess.run(["rm", "-rf", str(OUT)], check=True)
+        subprocess.run(["rm", "-rf", str(out_root)], check=True)
     best = {k: median_run(v) for k, v in runs.items()}
     print(f"\n{'list':<9} {'system':<18} {'samples':>8} {'wall s':>7} {'samples/s/core':>15} {'CPU ms/sample':>14} "
           f"{'server CPU s':>13} {'peak RSS MiB':>13}")
@@ -441,10 +476,10 @@ def main() -> None:
         print(f"{key.split('/')[0]:<9} {r.system:<18} {r.samples:>8d} {r.wall_s:>7.1f} {r.per_core:>15.1f} "
               f"{r.cpu_ms:>14.2f} {r.server_cpu_s:>13.1f} {r.peak_rss_mib:>13.0f}")
     ratio = {label: best[f"{label}/data_prep (ours)"].per_core / best[f"{label}/img2dataset"].per_core
-             for label in tables}
+             for label in tables if not a.smoke}
     if "photos" in ratio:
         print(f"photos ratio (data_prep / img2dataset samples/s per core): {ratio['photos']:.2f}")
-    print(f"ratio_vs_img2dataset: {ratio['clip art']:.2f}")
+    print(f"ratio_vs_img2dataset: {smoke.SKIPPED if a.smoke else format(ratio['clip art'], '.2f')}")
 
 
 if __name__ == "__main__":

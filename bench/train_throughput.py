@@ -1,8 +1,9 @@
 """Training throughput and peak memory: this framework vs OpenCLIP, same CLIP, same data, one run.
 
     .venv/bin/python bench/train_throughput.py [--steps 60] [--warmup 10] [--repeats 1]
+    .venv/bin/python bench/train_throughput.py --smoke [--data DATA_ROOT]   # seconds: ours only
 
-Both systems train the demo CLIP (conf/model/demo.yaml: 28 px images, 4 px patches, ViT 128 wide /
+Both systems train the demo CLIP (conf/size/demo.yaml: 28 px images, 4 px patches, ViT 128 wide /
 4 layers / 4 heads, text context 16, 128 wide / 2 layers / 2 heads, embed 128) in fp32 on CPU: 2
 ranks started by torchrun over gloo, OMP_NUM_THREADS=1 per rank, 1 data loader worker per rank,
 per-rank batch 128, on the same WebDataset shards (runs/demo/data/train, built if missing). OpenCLIP
@@ -45,9 +46,11 @@ from typing import Any
 
 import psutil
 
+import smoke
 from launch.local import torchrun_command
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOKE = {"steps": 3, "warmup": 1, "batch_size": 8, "repeats": 1, "shuffle_buffer": 64}  # --smoke: ours only
 BENCH = ROOT / ".bench"
 OC_VENV = BENCH / "openclip-venv"
 OC_PYTHON = OC_VENV / "bin" / "python"
@@ -124,10 +127,13 @@ def run_measured(cmd: list[str], cwd: Path, log: Path, threads: int) -> tuple[fl
     return wall, peak
 
 
-def ensure_data() -> Path:
-    if not (DATA / "train" / "manifest.json").exists():
+def ensure_data(root: Path) -> Path:
+    """The train split under ``root``; the demo dataset is built when it is the missing default."""
+    if not (root / "train" / "manifest.json").exists():
+        if root != DATA:
+            sys.exit(f"--data {root}: no train/manifest.json; give a folder written by `python -m data_prep build`")
         subprocess.run([sys.executable, "-m", "data_prep", "build"], cwd=ROOT, check=True)
-    return DATA / "train"
+    return root / "train"
 
 
 def ensure_openclip(skip_install: bool) -> None:
@@ -145,16 +151,16 @@ def openclip_version() -> str:
 
 
 def model_sizes() -> dict[str, Any]:
-    """conf/model/demo.yaml, read with OmegaConf (same file ours trains)."""
+    """conf/size/demo.yaml, read with OmegaConf (same file ours trains with experiment=demo)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / "demo.yaml"))  # type: ignore[return-value]
+    return OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "size" / "demo.yaml"))  # type: ignore[return-value]
 
 
 def run_ours(a: argparse.Namespace, out: Path) -> Run:
     run_dir = out / "ours"
     overrides = [
-        "+experiment=demo", f"run_dir={run_dir}", f"steps={a.steps}", f"log_every={a.warmup}",
+        "experiment=demo", f"run_dir={run_dir}", f"data.root={a.data}", f"steps={a.steps}", f"log_every={a.warmup}",
         f"data.batch_size={a.batch_size}", "data.num_workers=1", f"data.shuffle_buffer={a.shuffle_buffer}",
         "engine.precision=fp32", "engine.backend=gloo", f"optim.warmup_steps={a.warmup}",
         "wandb.mode=disabled", "eval.every=0", "eval.zeroshot=[]", "eval.retrieval=[]",
@@ -226,32 +232,38 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per system, alternating order; medians reported")
     p.add_argument("--skip-install", action="store_true", help="use the OpenCLIP venv as it is if present")
     p.add_argument("--keep", action="store_true", help="keep run outputs under .bench/train_throughput/")
-    a = p.parse_args()
+    p.add_argument("--data", type=Path, default=DATA, help="dataset root (train/ under it); default: the demo's, built if missing")
+    a = smoke.parse_args(p, SMOKE, "seconds, checks the script works: ours only (no OpenCLIP install), 3 steps of batch 8")
     if not 1 <= a.warmup < a.steps:
         p.error("need 1 <= --warmup < --steps")
-    train = ensure_data()
-    ensure_openclip(a.skip_install)
-    out = BENCH / "train_throughput"
+    a.data = a.data.resolve()
+    train = ensure_data(a.data)
+    if not a.smoke:
+        ensure_openclip(a.skip_install)
+    out = BENCH / ("train_throughput_smoke" if a.smoke else "train_throughput")
     subprocess.run(["rm", "-rf", str(out)], check=True)  # fresh run dirs: no resume, no stale logs
-    print(f"open-clip-torch {openclip_version()} | {NPROC} ranks x {a.threads} thread(s), gloo, fp32, batch "
+    version = "not run (--smoke)" if a.smoke else openclip_version()
+    print(f"open-clip-torch {version} | {NPROC} ranks x {a.threads} thread(s), gloo, fp32, batch "
           f"{a.batch_size}/rank, 1 loader worker/rank | {a.steps} steps, first {a.warmup} not timed | "
           f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
     print("OpenCLIP text vocab: 49408 (its BPE tokenizer): a larger embedding table, same FLOPs", flush=True)
     ours: list[Run] = []
     theirs: list[Run] = []
+    systems = ("ours",) if a.smoke else ("ours", "openclip")
     for i in range(a.repeats):
-        for name in (("ours", "openclip") if i % 2 == 0 else ("openclip", "ours")):
+        for name in (systems if i % 2 == 0 else systems[::-1]):
             rep = out / f"rep{i}"
             r = run_ours(a, rep) if name == "ours" else run_openclip(a, train, rep)
             (ours if name == "ours" else theirs).append(r)
             print(f"  rep {i} {r.system}: {r.samples_per_sec:.1f} samples/s, {r.peak_rss_mib:.0f} MiB", flush=True)
     if not a.keep:
         subprocess.run(["rm", "-rf", str(out)], check=True)
-    rows = [median_run(ours), median_run(theirs)]
+    rows = [median_run(runs) for runs in (ours, theirs) if runs]
     print(f"\n{'system':<18} {'samples/s':>10} {'peak RSS MiB':>13} {'steps measured':>15} {'wall s':>8}")
     for r in rows:
         print(f"{r.system:<18} {r.samples_per_sec:>10.1f} {r.peak_rss_mib:>13.0f} {r.steps_measured:>15d} {r.wall_s:>8.1f}")
-    print(f"ratio_vs_openclip: {rows[0].samples_per_sec / rows[1].samples_per_sec:.2f}")
+    ratio = f"{rows[0].samples_per_sec / rows[1].samples_per_sec:.2f}" if len(rows) == 2 else smoke.SKIPPED
+    print(f"ratio_vs_openclip: {ratio}")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("dir", help="folder holding the *.tar shards")
     i.add_argument("--split", default="train", help="split name recorded in the manifest (default: train)")
     i.add_argument("--force", action="store_true", help="replace an existing manifest.json")
+    i.add_argument("--samples-only", action="store_true",
+                   help="keep an existing manifest.json and add the shards' sample offset indexes (O(1) resume)")
     return p
 
 
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from data_prep.index import write_index
 
-            m = write_index(args.dir, split=args.split, force=args.force)
+            m = write_index(args.dir, split=args.split, force=args.force, samples_only=args.samples_only)
             print(f"indexed {len(m.shards)} shards, {m.total_samples} samples -> {m.root / 'manifest.json'}")
     except (PrepError, ManifestError) as e:
         print(f"error: {e}", file=sys.stderr)

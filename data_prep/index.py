@@ -15,7 +15,8 @@ from webdataset.tariterators import base_plus_ext
 
 from data_prep import PrepError
 from data_prep.atomic import sha256_file
-from data_prep.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from data_prep import sample_index
+from data_prep.manifest import MANIFEST_NAME, Manifest, ShardInfo, load_manifest
 from data_prep.sources.webdataset import TAR_ERRORS, damage, open_tar_stream, text_id, unsafe_name
 
 _REBUILD = ("remove it from the folder, or re-shard the folder with `python -m data_prep build` and a "
@@ -58,11 +59,31 @@ def index_shards(folder: str | Path, split: str = "train", config: dict[str, Any
     return Manifest(shards=shards, split=split, config=config or {"indexed_from": str(folder.resolve())}, root=folder)
 
 
-def write_index(folder: str | Path, split: str = "train", force: bool = False) -> Manifest:
-    """Index ``folder`` and save its manifest; refuse to replace an existing one unless ``force``."""
-    target = Path(folder) / MANIFEST_NAME
-    if target.exists() and not force:
-        raise PrepError(f"{target} already exists (it may hold the build config); pass --force to replace it")
-    manifest = index_shards(folder, split)
+def add_sample_indexes(manifest: Manifest) -> Manifest:
+    """Write every shard's sample offset index (data_prep/sample_index.py) and record them in the
+    manifest, which is saved; a shard whose sample count differs from its entry is refused."""
+    for shard in manifest.shards:
+        path = Path(manifest.shard_path(shard))
+        try:
+            offsets, end = sample_index.scan_offsets(path)
+        except (OSError, *TAR_ERRORS) as e:
+            raise PrepError(f"{text_id(str(path))}: cannot index it ({type(e).__name__}: {e}); {_REBUILD}") from e
+        if len(offsets) != shard.samples:
+            raise PrepError(f"{text_id(str(path))} holds {len(offsets)} samples, its manifest entry {shard.samples}: "
+                            "re-index the folder with --force")
+        sample_index.write_sample_index(path, offsets, end)
+    manifest.index_suffix = sample_index.SUFFIX
     manifest.save()
     return manifest
+
+
+def write_index(folder: str | Path, split: str = "train", force: bool = False, samples_only: bool = False) -> Manifest:
+    """Index ``folder``: its manifest and every shard's sample index. An existing manifest is
+    replaced only with ``force``; ``samples_only`` keeps it and adds the sample indexes."""
+    target = Path(folder) / MANIFEST_NAME
+    if samples_only:
+        return add_sample_indexes(load_manifest(folder))
+    if target.exists() and not force:
+        raise PrepError(f"{target} already exists (it may hold the build config); pass --force to replace it, or "
+                        "--samples-only to keep it and add the shards' sample indexes")
+    return add_sample_indexes(index_shards(folder, split))

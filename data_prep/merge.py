@@ -30,6 +30,8 @@ from data_prep.filters import Filter
 from data_prep.filters.duplicates import first_occurrence
 from data_prep.manifest import Manifest, ShardInfo
 from data_prep.plan import Plan, Unit
+from data_prep.sample_index import SUFFIX as INDEX_SUFFIX
+from data_prep.sample_index import write_sample_index
 from data_prep.shards import SHARD_GLOB, SHARD_NAME, TarAppender, copy_ranges
 from data_prep.split import SPLITS
 from data_prep.worker import INTERNAL_COLUMNS, SAMPLES_NAME, UNIT_DECISIONS, is_done, unit_dir
@@ -125,7 +127,9 @@ def write_shard_job(job: ShardJob) -> ShardInfo:
         out = TarAppender(f)
         for tar, ranges in job.segments:
             copy_ranges(out, tar, ranges)
+        end = out.offset
         out.finish()
+    write_sample_index(path, out.starts, end)  # after the shard: an index never describes a shard that is not there
     return ShardInfo(name=path.name, samples=job.samples, bytes=path.stat().st_size, sha256=sha256_file(path))
 
 
@@ -137,11 +141,11 @@ def write_splits(cfg: PrepConfig, plan: Plan, table: pa.Table, config: dict[str,
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         shards = mapper(write_shard_job, shard_jobs(cfg, plan, table, split, folder))
-        manifest = Manifest(shards=list(shards), split=split, config=config, root=folder)
+        manifest = Manifest(shards=list(shards), split=split, config=config, root=folder, index_suffix=INDEX_SUFFIX)
         manifest.save()
         listed = {s.name for s in shards}
-        for stale in folder.glob(SHARD_GLOB):
-            if stale.name not in listed:
+        for stale in [*folder.glob(SHARD_GLOB), *folder.glob(SHARD_GLOB + INDEX_SUFFIX)]:
+            if stale.name.removesuffix(INDEX_SUFFIX) not in listed:
                 stale.unlink()
         manifests[split] = manifest
     return manifests

@@ -73,14 +73,17 @@ def record_bytes(record: dict[str, Any]) -> bytes:
 
 
 class TarAppender:
-    """Writes a tar as a sequence of already serialised member blocks; ``append`` returns each
-    blob's ``(offset, size)`` in the file so it can be copied out again without parsing."""
+    """Writes a tar as a sequence of already serialised samples (one blob = one sample's members);
+    ``append`` returns each blob's ``(offset, size)`` in the file so it can be copied out again
+    without parsing, and ``starts`` keeps every offset (the shard's sample index)."""
 
     def __init__(self, f: IO[bytes]) -> None:
         self.f, self.offset = f, 0
+        self.starts: list[int] = []
 
     def append(self, blob: bytes) -> tuple[int, int]:
         start = self.offset
+        self.starts.append(start)
         self.f.write(blob)
         self.offset += len(blob)
         return start, len(blob)

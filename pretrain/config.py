@@ -62,6 +62,12 @@ class LossMode(str, Enum):
     ring = "ring"  # feature blocks travel rank to rank, overlapped with the tiles (local loss only)
 
 
+class Offload(str, Enum):
+    none = "none"
+    cpu = "cpu"  # host memory (DeepSpeed's ZeRO-Offload)
+    nvme = "nvme"  # local NVMe files under engine.nvme_path (ZeRO-Infinity)
+
+
 class RouterImpl(str, Enum):
     torch = "torch"  # the PyTorch reference (pretrain/models/moe.py)
     triton = "triton"  # one Triton kernel: softmax, top-k, BPR positions, partial sums (pretrain/kernels/router.py)
@@ -202,7 +208,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    root: str = "runs/demo/data"  # a folder written by `python -m data_prep build`
+    # A folder written by `python -m data_prep build`: a local path, s3://, gs://, http(s):// or a
+    # pipe: command template (data_prep/storage.py); credentials come from the environment, never from here.
+    root: str = "runs/demo/data"
     train: str = "${data.root}/train"  # a manifest.json or the folder holding one
     tokenizer: str = "${data.root}/tokenizer.model"  # sentencepiece model (pad=0 unk=1 bos=2 eos=3)
     batch_size: int = 64  # per rank, per micro-step
@@ -270,9 +278,28 @@ class EngineConfig:
     # Peak dense TFLOP/s of one device, for train/mfu. None: a known GPU's datasheet figure, or on
     # CPU a matmul measured at start-up (so CPU MFU is relative to what this machine achieves).
     peak_tflops: Optional[float] = None
+    # ZeRO's communication, as DeepSpeed's zero_optimization names them; None keeps DeepSpeed's default.
+    overlap_comm: Optional[bool] = None  # reduce gradients while the backward pass still runs
+    contiguous_gradients: Optional[bool] = None  # copy gradients into one buffer as they are produced
+    reduce_bucket_size: Optional[int] = None  # elements per gradient reduction
+    allgather_bucket_size: Optional[int] = None  # elements per parameter all-gather (ZeRO-1/2)
+    offload_optimizer: Offload = Offload.none  # optimizer state and step on the host or NVMe (ZeRO >= 1)
+    offload_param: Offload = Offload.none  # parameters on the host or NVMe (ZeRO-3)
+    nvme_path: Optional[str] = None  # a fast local folder, for the nvme offloads
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), f"engine.zero_stage={self.zero_stage} is not allowed: choose 0, 1, 2 or 3")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"engine.{name}={value} must be >= 1 (elements), or null for DeepSpeed's default")
+        _check(self.offload_optimizer == Offload.none or self.zero_stage >= 1,
+               f"engine.offload_optimizer={self.offload_optimizer.value} needs engine.zero_stage >= 1 (ZeRO-Offload "
+               "partitions the optimizer state first)")
+        _check(self.offload_param == Offload.none or self.zero_stage == 3,
+               f"engine.offload_param={self.offload_param.value} needs engine.zero_stage=3 (only stage 3 partitions parameters)")
+        nvme = Offload.nvme in (self.offload_optimizer, self.offload_param)
+        _check(not nvme or bool(self.nvme_path),
+               "an nvme offload needs engine.nvme_path: a folder on a local NVMe drive (e.g. /local_nvme/deepspeed)")
         _check(self.grad_accum >= 1, f"engine.grad_accum={self.grad_accum} must be >= 1")
         _check(self.grad_clip >= 0, f"engine.grad_clip={self.grad_clip} must be >= 0")
         _check(self.backend in ("auto", "nccl", "gloo"), f"engine.backend={self.backend!r} is not allowed: choose auto, nccl or gloo")
@@ -283,9 +310,14 @@ class CheckpointConfig:
     every: int = 100  # steps; a final checkpoint is always written
     keep: int = 2  # newest complete checkpoints kept; older ones are deleted
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir if any | none | a checkpoint path
+    # Also save once this many minutes of wall time have passed since the last save (rank 0's
+    # clock decides for all): bounds the work lost to a failure whatever the step time. None: off.
+    every_minutes: Optional[float] = None
 
     def __post_init__(self) -> None:
         _check(self.every >= 1, f"checkpoint.every={self.every} must be >= 1")
+        _check(self.every_minutes is None or self.every_minutes > 0,
+               f"checkpoint.every_minutes={self.every_minutes} must be > 0, or null to save by steps only")
         _check(self.keep >= 1, f"checkpoint.keep={self.keep} must be >= 1")
 
 
@@ -372,6 +404,9 @@ class TrainConfig:
                f"stop_at={self.stop_at} must be between 1 and steps={self.steps}")
         _check(self.optim.warmup_steps <= self.steps,
                f"optim.warmup_steps={self.optim.warmup_steps} exceeds steps={self.steps}")
+        _check(self.engine.offload_optimizer == Offload.none or self.optim.name == OptimizerName.adamw,
+               f"engine.offload_optimizer={self.engine.offload_optimizer.value} needs optim.name=adamw (DeepSpeed's "
+               f"offloaded step is its CPU Adam; {self.optim.name.value} has none)")
 
     def check_world(self, world_size: int) -> None:
         """Rules that need the number of ranks or the machine (known at launch, before any rank starts)."""

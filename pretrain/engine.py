@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.checkpoint import COMPLETE, CheckpointError, WriteLog, safe_load, verify_checkpoint
-from pretrain.config import OptimizerName, Precision, TrainConfig
+from pretrain.config import EngineConfig, Offload, OptimizerName, Precision, TrainConfig
 from pretrain.models import param_groups
 from pretrain.models.moe import MoeMlp
 from pretrain.schedule import lr_multiplier
@@ -93,7 +93,7 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": e.grad_accum,
         "gradient_clipping": e.grad_clip,
-        "zero_optimization": {"stage": e.zero_stage},
+        "zero_optimization": zero_config(e),
         "bf16": {"enabled": e.precision == Precision.bf16},
         "optimizer": {
             "type": "AdamW",
@@ -112,6 +112,21 @@ def ds_config(cfg: TrainConfig) -> dict[str, Any]:
         # it has not tested.
         config["zero_allow_untested_optimizer"] = True
     return config
+
+
+def zero_config(e: EngineConfig) -> dict[str, Any]:
+    """DeepSpeed's ``zero_optimization`` section: the stage, and the knobs set in ``engine``."""
+    zero: dict[str, Any] = {"stage": e.zero_stage}
+    for key in ("overlap_comm", "contiguous_gradients", "reduce_bucket_size", "allgather_bucket_size"):
+        if getattr(e, key) is not None:
+            zero[key] = getattr(e, key)
+    for key in ("offload_optimizer", "offload_param"):
+        where: Offload = getattr(e, key)
+        if where != Offload.none:
+            # Pinned host buffers: the copies to and from the GPU run asynchronously.
+            zero[key] = {"device": where.value, "pin_memory": True,
+                         **({"nvme_path": e.nvme_path} if where == Offload.nvme else {})}
+    return zero
 
 
 def _lamb(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from PIL import Image
 
+from data_prep import storage
 from data_prep.manifest import load_manifest
 from data_prep.sources import fashion_mnist
 from pretrain.config import EvalConfig, RetrievalSet, ZeroShotSet
@@ -62,7 +63,7 @@ def load_retrieval(spec: RetrievalSet, transform: Callable[[Image.Image], torch.
         log.warning("eval %s: %s", spec.name, message)
 
     for shard in manifest.shards:
-        for raw in read_tar(str(manifest.shard_path(shard)), 0, shard.samples, on_error):
+        for raw in read_tar(manifest.shard_path(shard), 0, shard.samples, on_error, shard.bytes):
             try:
                 image, caption, _ = parse_sample(raw, transform)
             except ValueError as e:
@@ -72,7 +73,7 @@ def load_retrieval(spec: RetrievalSet, transform: Callable[[Image.Image], torch.
             images.append(image)
             captions.append(caption)
     if not images:
-        raise ValueError(f"eval.retrieval {spec.name}: no usable sample in {manifest.root}")
+        raise ValueError(f"eval.retrieval {spec.name}: no usable sample in {storage.redact(manifest.root)}")
     if skipped:
         log.warning("eval %s: skipped %d corrupt samples", spec.name, skipped)
     return RetrievalData(torch.stack(images), captions)

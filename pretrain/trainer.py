@@ -83,12 +83,13 @@ class Trainer:
         self.saved_step = -1  # the step of the last checkpoint this process wrote (no double saves)
         self.checkpoint_step = 0  # the step of the newest checkpoint, written or resumed from (0: none)
         self.preempted = False  # train() stopped early on a signal: see pretrain.preemption
+        self.last_save_time = time.monotonic()  # checkpoint.every_minutes counts from here (rank 0's clock)
         self.last_metrics: dict[str, torch.Tensor] = {}
         self.monitor: Monitor = NullMonitor()
         self.config_dict = to_dict(cfg)  # resolved once (vocab_size filled in above); fixed from here on
         config_yaml = OmegaConf.to_yaml(self.config_dict).encode()
         # Copied into every checkpoint so each is self-contained (export needs both).
-        self.checkpoint_files = {"config.yaml": config_yaml, "tokenizer.model": Path(self.tokenizer.model_path).read_bytes()}
+        self.checkpoint_files = {"config.yaml": config_yaml, "tokenizer.model": self.tokenizer.model_bytes}
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with atomic_write(self.run_dir / "config.yaml") as f:
@@ -108,6 +109,7 @@ class Trainer:
                  self.cfg.model.name, self.cfg.steps, self.samples_per_step, self.dist.world_size,
                  self.cfg.engine.zero_stage, self.cfg.engine.precision.value)
         interval = Interval.start(self)
+        self.last_save_time = time.monotonic()
         end = self.cfg.stop_at or self.cfg.steps
         while self.state.step < end:
             losses = self.train_step()
@@ -119,7 +121,7 @@ class Trainer:
             if self.cfg.eval.every and self.state.step % self.cfg.eval.every == 0 and self.state.step < self.cfg.steps:
                 self.evaluate(limit=self.cfg.eval.periodic_limit)
                 interval = Interval.start(self)
-            if self.state.step % self.cfg.checkpoint.every == 0 and self.state.step < end:
+            if self.state.step < end and (self.state.step % self.cfg.checkpoint.every == 0 or self.checkpoint_due()):
                 self.save_checkpoint()
                 interval = Interval.start(self)
             if self.preemption.stop_requested() and self.state.step < self.cfg.steps:
@@ -244,6 +246,16 @@ class Trainer:
         return {"steps": self.state.step, "preempted": True}
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_due(self) -> bool:
+        """Collective when ``checkpoint.every_minutes`` is set: has rank 0's clock passed it since
+        the last save? (Each rank's own clock could differ by a step and split the ranks.)"""
+        minutes = self.cfg.checkpoint.every_minutes
+        if minutes is None:
+            return False
+        due = torch.tensor([time.monotonic() - self.last_save_time >= 60 * minutes], dtype=torch.int32, device=self.dist.device)
+        dist.broadcast(due, src=0)
+        return bool(due.item())
+
     def save_checkpoint(self) -> None:
         t0 = time.perf_counter()
         self.sync_buffers()
@@ -251,6 +263,7 @@ class Trainer:
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state()}
         path = self.checkpointer.save(self.engine, self.state.step, client_state, rank_state, self.checkpoint_files)
         self.saved_step = self.checkpoint_step = self.state.step
+        self.last_save_time = time.monotonic()
         log.info("checkpoint %s (%.1fs)", path, time.perf_counter() - t0)
 
     def maybe_resume(self) -> None:

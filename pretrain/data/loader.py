@@ -5,20 +5,26 @@ Its ``state_dict`` holds, per consumer slot, the cursor of the last batch the TR
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader
 
+from data_prep import storage
 from data_prep.manifest import Manifest, load_manifest
 from pretrain.config import DataConfig
-from pretrain.data.stream import Cursor, ShardStream
+from pretrain.data.stream import Cursor, ShardStream, plan_shards
 from pretrain.data.tokenizer import Tokenizer
 from pretrain.data.transforms import image_transform
 from pretrain.preemption import shield_worker
 
-STATE_VERSION = 1
+log = logging.getLogger(__name__)
+
+# 2: a cursor's offset is (shuffle block x shuffle_buffer + outputs taken from it); 1: raw samples
+# emitted through the old streaming shuffle buffer (read as 2 with a warning: the same progress).
+STATE_VERSION = 2
 
 
 class TrainLoader:
@@ -31,9 +37,13 @@ class TrainLoader:
         consumers = self.world_size * self.slots
         if self.manifest.total_samples < consumers:
             raise ValueError(
-                f"dataset {self.manifest.root} has {self.manifest.total_samples} samples, fewer than "
+                f"dataset {storage.redact(self.manifest.root)} has {self.manifest.total_samples} samples, fewer than "
                 f"ranks x workers = {consumers}: lower data.num_workers or use more data"
             )
+        # Collective in a distributed run (rank 0 lists the shards' folder once, every rank gets the plan).
+        self.plan = plan_shards(self.manifest)
+        for problem in self.plan.problems:
+            log.warning("data: %s", problem)
         self.cursors: dict[int, Cursor] = {}
         self.batches = 0  # batches taken by the training loop
         self.corrupt = 0  # corrupt samples skipped in those batches
@@ -56,12 +66,13 @@ class TrainLoader:
         stream = ShardStream(
             self.manifest, self.tokenizer, self.transform, self.cfg.batch_size, self.rank, self.world_size,
             self.cfg.num_workers, self.cfg.seed, self.cfg.shuffle_buffer,
-            cursors=self.cursors, slot_offset=self.batches % self.slots,
+            cursors=self.cursors, slot_offset=self.batches % self.slots, plan=self.plan,
         )
         # Its own generator: starting workers draws a seed, and drawing it from the global RNG
         # would shift the model's random numbers (FLIP's masks) in a resumed run, whose loader
         # starts at a different point of the RNG stream than the uninterrupted run's did.
-        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers,
+        # Pinned batches on CUDA: the step's non_blocking copies then overlap the previous step's compute.
+        loader = DataLoader(stream, batch_size=None, num_workers=self.cfg.num_workers, pin_memory=torch.cuda.is_available(),
                             prefetch_factor=4 if self.cfg.num_workers else None, worker_init_fn=shield_worker,
                             generator=torch.Generator().manual_seed(self.cfg.seed + self.rank))
         self._iter = iter(loader)
@@ -88,7 +99,11 @@ class TrainLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") == 1:
+            log.warning("data: this checkpoint's data position was saved by an older clipforge (streaming shuffle); "
+                        "the stream continues as far into each epoch, in the new block order: a few samples of "
+                        "this epoch may be seen twice or not at all")
+        elif state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
         if state["consumers"] != self.consumers:
             raise ValueError(

@@ -12,14 +12,19 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import tarfile
-from typing import Any, BinaryIO, Callable, Iterator
+import time
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
 import torch
 from PIL import Image
 from webdataset.tariterators import base_plus_ext  # key/extension split: samples group as in webdataset
 
+from data_prep import storage
 from pretrain.data.transforms import to_rgb
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # preference order when a sample has several
 READ_KEYS = frozenset({*IMAGE_KEYS, "txt", "json"})  # the only members whose bytes are read
@@ -30,6 +35,8 @@ MAX_IMAGE_BYTES = 64 << 20
 # PNG is a few hundred bytes but would pad to a 60000^2 canvas (10 GB).
 MAX_IMAGE_SIDE = 8192
 MAX_UID_CHARS = 256
+REMOTE_RETRIES = 2  # a remote shard whose read fails is reopened this many times, then skipped and counted
+RETRY_WAIT_S = 1.0  # times the attempt number
 
 
 def member_limit(ext: str) -> int:
@@ -69,26 +76,75 @@ def iter_tar_samples(f: BinaryIO, url: str) -> Iterator[dict[str, Any]]:
         yield sample
 
 
-def read_tar(path: str, start: int, stop: int, on_error: Callable[[str], None]) -> Iterator[dict[str, Any]]:
-    """Raw samples [start, stop) of one shard (bytes, nothing decoded). A truncated or unreadable
-    shard ends early and is reported, never raised. (``tarfile`` stops silently when a file is cut
-    inside a header, so a shard ending short of ``stop`` is reported too.)"""
-    read = 0
-    try:
-        with open(path, "rb") as f:
-            for read, sample in enumerate(iter_tar_samples(f, path), start=1):
-                if read > start:
-                    yield sample
-                if read >= stop:
+def read_tar(loc: storage.Location, start: int, stop: int, on_error: Callable[[str], None],
+             expect_bytes: Optional[int] = None, seek: Optional[int] = None) -> Iterator[dict[str, Any]]:
+    """Raw samples [start, stop) of one shard (bytes, nothing decoded), wherever it lives (see
+    :mod:`data_prep.storage`). ``seek``: the byte offset where sample ``start`` begins (the shard's
+    sample index), read from there instead of from sample 0; a seek that lands on no tar header
+    is reported as an index that does not match and the shard is read from its start.
+
+    A truncated or unreadable shard ends early and is reported, never raised (``tarfile`` stops
+    silently when a file is cut inside a header, so a shard ending short of ``stop`` is reported
+    too). A shard whose size, as the store reports it on opening, is not ``expect_bytes`` is reported
+    and not read. A remote read that fails (a dropped connection, a timeout) is retried
+    ``REMOTE_RETRIES`` times, resuming after the last sample given out."""
+    where = storage.redact(loc)
+    given = start  # samples of the shard before this one are not given out (before the range, or given already)
+    seen = 0
+    retries = REMOTE_RETRIES if storage.is_remote(loc) else 0
+    attempt = 0
+    while True:
+        first = start if seek is not None else 0  # the sample the reading starts at
+        seen = first
+        try:
+            with storage.open_read(loc) as f:
+                size = storage.size_of(f)
+                if expect_bytes is not None and size is not None and size != expect_bytes:
+                    on_error(f"shard {where} has {size} bytes but the manifest lists {expect_bytes} (replaced or "
+                             "truncated since it was written?); re-copy it or re-index the folder")
                     return
-    # Not just TarError/OSError: tarfile is not hardened against hostile bytes and raises e.g. TypeError
-    # for a gzip stream cut right after its magic (tarfile._Stream._init_read_gz), zlib.error or
-    # lzma.LZMAError for corrupt compressed data. Whatever it raises, the shard is unreadable from there.
-    except Exception as e:
-        on_error(f"shard {path} is truncated or unreadable after {read} samples: {type(e).__name__}: {e}")
+                if seek is not None:
+                    skip_bytes(f, seek)
+                for seen, sample in enumerate(iter_tar_samples(f, where), start=first + 1):
+                    if seen > given:
+                        given = seen
+                        yield sample
+                    if seen >= stop:
+                        return
+            break  # the shard ended (short of stop: reported below)
+        # Not just TarError/OSError: tarfile is not hardened against hostile bytes and raises e.g. TypeError
+        # for a gzip stream cut right after its magic (tarfile._Stream._init_read_gz), zlib.error or
+        # lzma.LZMAError for corrupt compressed data; remote stores raise their own types.
+        except Exception as e:  # noqa: BLE001
+            if seek is not None and seen == first:
+                log.warning("data: the sample index of %s does not match it (no sample at byte %d: %s); reading "
+                            "the shard from its start; rebuild the indexes with `python -m data_prep index "
+                            "--samples-only FOLDER`", where, seek, type(e).__name__)
+                seek = None
+                continue
+            if attempt < retries:
+                attempt += 1
+                log.warning("data: reading shard %s failed after %d samples (%s: %s); retry %d of %d",
+                            where, seen, type(e).__name__, storage.redact(str(e))[:200], attempt, retries)
+                time.sleep(RETRY_WAIT_S * attempt)
+                continue
+            on_error(f"shard {where} is truncated or unreadable after {max(seen, given)} samples: {type(e).__name__}: "
+                     f"{storage.redact(str(e))[:300]}")
+            return
+    if seen < stop:
+        on_error(f"shard {where} is truncated or unreadable: it ended after {seen} of {stop} samples")
+
+
+def skip_bytes(f: BinaryIO, n: int) -> None:
+    """Move a stream ``n`` bytes on: a seek where it can, else read and drop (HTTP, pipes)."""
+    if getattr(f, "seekable", lambda: False)():
+        f.seek(n)
         return
-    if read < stop:
-        on_error(f"shard {path} is truncated or unreadable: it ended after {read} of {stop} samples")
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError(f"the stream ended {n} bytes before the seek target")
+        n -= len(chunk)
 
 
 def decode_untrusted_image(data: bytes) -> Image.Image:

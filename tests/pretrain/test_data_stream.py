@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -110,6 +112,45 @@ def test_resume_continues_with_the_same_batches(small_build, tokenizer, workers)
     assert not torch.equal(first[0]["images"], rest[0]["images"])
     straight.close()
     resumed.close()
+
+
+def test_resume_deep_in_an_epoch_seeks_instead_of_rereading_it(small_build, tokenizer, tmp_path, monkeypatch, caplog) -> None:
+    """Resuming near the end of an epoch parses one shuffle block from a seek (the shard's sample
+    index), not the samples before it; with indexes that do not match their shards it warns, reads
+    those shards from their start and still resumes exactly."""
+    from pretrain.data import shard_samples
+
+    parsed: list[int] = []
+    real = shard_samples.iter_tar_samples
+
+    def counting(f, url):  # noqa: ANN001, ANN202
+        for sample in real(f, url):
+            parsed.append(1)
+            yield sample
+
+    monkeypatch.setattr(shard_samples, "iter_tar_samples", counting)
+    train = tmp_path / "train"
+    shutil.copytree(small_build.out_dir / "train", train)
+    straight = loader(train, tokenizer, workers=0)
+    per_epoch = load_manifest(train).total_samples // 8
+    for _ in range(per_epoch - 4):
+        straight.next()
+    state = json.loads(json.dumps(straight.state_dict()))
+    expected = [straight.next()["uids"] for _ in range(3)]
+    for damaged in (False, True):
+        if damaged:  # every index off by one tar block: each seek lands inside a member's data
+            for idx in train.glob("*.idx"):
+                data = bytearray(idx.read_bytes())
+                offsets = np.frombuffer(bytes(data[16:]), dtype="<u8").copy()
+                offsets[:-1] += 512
+                idx.write_bytes(bytes(data[:16]) + offsets.tobytes())
+        parsed.clear()
+        resumed = loader(train, tokenizer, workers=0)
+        resumed.load_state_dict(state)
+        assert [resumed.next()["uids"] for _ in range(3)] == expected
+        if not damaged:  # one block of 50 from the seek, then at most 2 more for the 3 batches (a replay: ~the epoch)
+            assert len(parsed) <= 3 * 50, f"parsed {len(parsed)} samples to resume at batch {per_epoch - 4}"
+    assert "does not match" in caplog.text
 
 
 def test_resume_with_other_worker_count_is_refused(small_build, tokenizer) -> None:

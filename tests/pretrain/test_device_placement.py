@@ -105,6 +105,15 @@ def _preemption(dev: torch.device, rank: int, world: int) -> None:
     assert Preemption(dev).stop_requested() is False
 
 
+def _checkpoint_cadence(dev: torch.device, rank: int, world: int) -> None:
+    """checkpoint.every_minutes: rank 0's clock decides for every rank, through a broadcast."""
+    from pretrain.trainer import Trainer
+
+    cfg = _config("demo", ["checkpoint.every_minutes=1"])
+    trainer = SimpleNamespace(cfg=cfg, dist=SimpleNamespace(device=dev), last_save_time=0.0 if rank == 0 else 1e12)
+    assert Trainer.checkpoint_due(trainer) is True  # type: ignore[arg-type]
+
+
 def _clip_score(dev: torch.device, rank: int, world: int) -> None:
     """The data_prep stage's scoring batch, with its model on the accelerator."""
     from data_prep.filters.clip_score import ClipScoreFilter, Scorer
@@ -130,6 +139,7 @@ CASES: dict[str, Callable[[torch.device, int, int], None]] = {
     **{f"train/{name}": _train_case(name, extra) for name, extra in TRAIN_CASES.items()},
     "evaluate": _evaluate,
     "preemption": _preemption,
+    "checkpoint_cadence": _checkpoint_cadence,
     "clip_score": _clip_score,
 }
 # The stand-in accelerator itself: these must raise DeviceMismatch, or the cases above prove nothing.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -128,8 +129,16 @@ def test_zero3_bf16_with_accumulation_trains_exports_and_evaluates(small_build, 
     assert "eval/retrieval/tuxpaint/text_to_image_r5" in result
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_other_zero_stages_train(small_build, tmp_path, stage: int) -> None:
+SCALE_SETTINGS = ["engine.overlap_comm=true", "engine.contiguous_gradients=false", "engine.reduce_bucket_size=100000",
+                  "engine.allgather_bucket_size=100000", "checkpoint.every=100", "checkpoint.every_minutes=1e-6"]
+
+
+@pytest.mark.parametrize("stage,extra", [(0, []), (1, SCALE_SETTINGS)])
+def test_other_zero_stages_train(small_build, tmp_path, stage: int, extra: list[str]) -> None:
+    """ZeRO-1 also with the settings tuned at scale, and a wall-time checkpoint cadence so short that
+    every step saves (checkpoint.every alone would save only the final step)."""
     run = tmp_path / "run"
-    train(run, small_build.out_dir, "steps=3", f"deepspeed=zero{stage}", "eval.zeroshot=[]", "eval.retrieval=[]")
+    proc = train(run, small_build.out_dir, "steps=3", f"deepspeed=zero{stage}", "eval.zeroshot=[]", "eval.retrieval=[]", *extra)
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
+    saved = [int(s) for s in re.findall(r"checkpoint \S*step_(\d+) \(", proc.stdout + proc.stderr)]
+    assert saved == ([1, 2, 3] if extra else [3])
