@@ -61,7 +61,12 @@ def index_shards(folder: str | Path, split: str = "train", config: dict[str, Any
 
 def add_sample_indexes(manifest: Manifest) -> Manifest:
     """Write every shard's sample offset index (data_prep/sample_index.py) and record them in the
-    manifest, which is saved; a shard whose sample count differs from its entry is refused."""
+    manifest, which is saved; a shard whose sample count differs from its entry is refused.
+    Compressed shards cannot be seeked: a folder holding any gets no sample indexes."""
+    if any(sample_index.is_compressed(Path(manifest.shard_path(s))) for s in manifest.shards):
+        manifest.index_suffix = None
+        manifest.save()
+        return manifest
     for shard in manifest.shards:
         path = Path(manifest.shard_path(shard))
         try:

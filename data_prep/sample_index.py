@@ -49,14 +49,26 @@ def write_sample_index(shard: str | Path, offsets: Sequence[int], end: int) -> P
     return path
 
 
+COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x28\xb5\x2f\xfd")  # gzip, bzip2, xz, zstd
+
+
+def is_compressed(tar: str | Path) -> bool:
+    """A compressed tar has no byte offsets to seek to: it gets no sample index."""
+    with open(tar, "rb") as f:
+        head = f.read(6)
+    return head.startswith(COMPRESSED_MAGIC)
+
+
 def scan_offsets(tar: str | Path) -> tuple[list[int], int]:
     """(offset of each sample's first header, end of the last member's data) of an uncompressed tar,
-    from its headers alone."""
+    from its headers alone, through the builder's hardened tar reader."""
+    from data_prep.sources.webdataset import open_tar_stream  # late: sources import this package's storage
+
     offsets: list[int] = []
     end, key = 0, None
-    with open(tar, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tf:
-        for member in tf:
-            tf.members = []  # streaming: memory stays flat
+    with open_tar_stream(Path(tar)) as tf:
+        while (member := tf.next()) is not None:
+            tf.members.clear()  # streaming: memory stays flat
             if not member.isreg():
                 continue
             name_key, _ = base_plus_ext(member.name)

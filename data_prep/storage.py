@@ -24,6 +24,7 @@ import re
 import shlex
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Optional, Union
 
@@ -113,20 +114,21 @@ def open_read(loc: Location) -> Iterator[BinaryIO]:
 
 @contextlib.contextmanager
 def _pipe(command: str) -> Iterator[BinaryIO]:
-    proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None
-    try:
-        yield proc.stdout  # type: ignore[misc]
-    finally:
-        proc.stdout.close()
+    # stderr to a file, not a pipe: a chatty command filling an unread pipe would block forever.
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen(shlex.split(command), stdout=subprocess.PIPE, stderr=errors)
+        assert proc.stdout is not None
         try:
-            code = proc.wait(timeout=READ_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        err = proc.stderr.read().decode(errors="replace").strip() if proc.stderr else ""
-        if proc.stderr:
-            proc.stderr.close()
+            yield proc.stdout  # type: ignore[misc]
+        finally:
+            proc.stdout.close()
+            try:
+                code = proc.wait(timeout=READ_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            errors.seek(0)
+            err = errors.read().decode(errors="replace").strip()
     if code not in (0, -13):  # -13: SIGPIPE, the reader stopped early on purpose
         raise OSError(f"pipe: `{command}` exited with code {code}: {err[-300:]}")
 

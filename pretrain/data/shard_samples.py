@@ -137,9 +137,11 @@ def read_tar(loc: storage.Location, start: int, stop: int, on_error: Callable[[s
 
 def skip_bytes(f: BinaryIO, n: int) -> None:
     """Move a stream ``n`` bytes on: a seek where it can, else read and drop (HTTP, pipes)."""
-    if getattr(f, "seekable", lambda: False)():
+    try:
         f.seek(n)
         return
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is both; fsspec's HTTP stream: ValueError
+        pass
     while n > 0:
         chunk = f.read(min(n, 1 << 20))
         if not chunk:

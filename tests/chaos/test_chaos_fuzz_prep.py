@@ -36,6 +36,7 @@ from data_prep.filters import FILTERS, Reject, apply_filters, make_filter
 from data_prep.filters.image_size import ImageSizeConfig
 from data_prep.images import IMAGE_FORMATS
 from data_prep.index import count_samples
+from data_prep.sample_index import decode
 from data_prep.resize import ResizeConfig, encode_for_shard
 from data_prep.sources.base import Rejected, Sample, is_text
 from data_prep.sources.folder import Folder, FolderConfig
@@ -93,8 +94,12 @@ def test_hostile_tars_become_counted_rejections_and_index_refuses_them(sandbox: 
         assert (code == 0) == (n is not None)
         if n is not None:  # what index accepts, the source read to its proper end
             assert not any(isinstance(i, Rejected) and i.reason.startswith("truncated_tar") for i in items)
-        manifest = {folder / "manifest.json"} if code == 0 else set()
-        assert files_under(Path(tmp)) == before | manifest, "a reader wrote something"
+        written = files_under(Path(tmp)) - before
+        index = folder / "00000.tar.idx"  # index also writes the shard's sample index where it can seek
+        assert written <= {folder / "manifest.json", index} and (folder / "manifest.json" in written) == (code == 0), \
+            f"a reader wrote something: {written}"
+        if index in written:
+            decode(index.read_bytes(), str(index), n, (folder / "00000.tar").stat().st_size)
         assert not marker.exists(), "a pickle payload was loaded"
 
 

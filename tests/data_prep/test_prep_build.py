@@ -12,6 +12,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from data_prep import sample_index
 from data_prep.build import build_from_overrides
 from data_prep.manifest import ManifestError, load_manifest
 from data_prep.sources import SourceError
@@ -58,6 +59,9 @@ def test_manifest_matches_files(small_build, small_stamps):
             assert shard.bytes == path.stat().st_size
             assert shard.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
             assert shard.samples == len(list(wds.WebDataset(str(path), shardshuffle=False)))
+            # The sample index the builder wrote is the one the shard's own headers give.
+            assert m.index_suffix == sample_index.SUFFIX
+            assert sample_index.read_offsets(m.root, shard.name, shard.samples, shard.bytes) == sample_index.scan_offsets(path)[0]
     # Every plain stamp is kept, in one split or the other; every Fashion-MNIST image in train.
     tux = kept_split_counts(small_build, "tuxpaint")
     assert tux["train"] + tux["heldout"] == len(small_stamps.plain) and tux["heldout"] > 0
@@ -140,7 +144,8 @@ def test_empty_split_rebuild_and_no_writes_outside_out_dir(tmp_path, monkeypatch
     build_from_overrides([*base, "samples_per_shard=10"])
     result = build_from_overrides([*base, "samples_per_shard=30"])
     assert os.listdir(cwd) == []  # hydra neither changed directory nor wrote logs here
-    assert sorted(p.name for p in (out / "train").iterdir()) == ["manifest.json", "shard-000000.tar"]  # stale removed
+    # Stale shards and their sample indexes removed.
+    assert sorted(p.name for p in (out / "train").iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000000.tar.idx"]
     assert result.manifests["heldout"].shards == []
     with pytest.raises(ManifestError, match="lists no samples"):
         load_manifest(out / "heldout")

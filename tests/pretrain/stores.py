@@ -15,6 +15,7 @@ from pathlib import Path
 
 # A secret no log, config or metric may ever show (the tests grep for it).
 SECRET = "clipforge-test-secret-9f3c2b"
+S3_ROOT = "s3://clipforge-data/small"  # where the s3 fixture (tests/pretrain/conftest.py) puts the small build
 
 
 class S3Store:

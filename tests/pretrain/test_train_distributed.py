@@ -20,16 +20,18 @@ from safetensors.torch import load_file
 from launch.local import rank_env, torchrun_command
 from pretrain.export import export_checkpoint, load_exported
 from pretrain.monitor import read_metrics
+from tests.pretrain.stores import S3_ROOT, SECRET
 
 TIMEOUT = 420
 
 
-def train(run_dir: Path, data: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+def train(run_dir: Path, data: Path | str, *extra: str, nproc: int = 2, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     overrides = [
         f"run_dir={run_dir}", f"data.root={data}", "size=tiny_test", "data.batch_size=16", "data.num_workers=1",
         "log_every=1", "optim.warmup_steps=2", "eval.zeroshot.0.limit=300", "wandb.mode=offline", *extra,
     ]
-    proc = subprocess.run(torchrun_command(nproc, overrides), env=rank_env(nproc), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(torchrun_command(nproc, overrides), env={**rank_env(nproc), **(env or {})}, capture_output=True,
+                          text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, f"training failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc
 
@@ -76,17 +78,20 @@ REQUIRED_METRICS = {
 }
 
 
-def test_resume_is_exact_and_wandb_continues_the_run(small_build, tmp_path) -> None:
-    """ZeRO-2, 2 ranks: 8 steps straight == 4 steps, stop, resume, 4 steps (same losses every step,
-    same final weights); W&B offline files hold the metrics; the resumed run keeps its W&B id."""
-    data = small_build.out_dir
+def test_resume_is_exact_and_wandb_continues_the_run(small_build, s3, tmp_path) -> None:
+    """ZeRO-2, 2 ranks: 8 steps straight from local disk == 4 steps, stop, resume, 4 steps with the
+    same dataset read from an S3-API server (same losses every step, same final weights); W&B
+    offline files hold the metrics; the resumed run keeps its W&B id; no credential is written."""
     common = ["steps=8", "checkpoint.every=4", "eval.every=4", "deepspeed=zero2"]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    train(straight, data, *common)
-    train(split, data, *common, "stop_at=4")
+    train(straight, small_build.out_dir, *common)
+    stopped = train(split, S3_ROOT, *common, "stop_at=4", env=s3.env)
     assert not (split / "summary.json").exists(), "a stopped run has no final summary"
-    resumed = train(split, data, *common)
+    resumed = train(split, S3_ROOT, *common, env=s3.env)
     assert "resumed from" in resumed.stderr + resumed.stdout
+    logs = stopped.stdout + stopped.stderr + resumed.stdout + resumed.stderr
+    written = logs + "".join(p.read_text(errors="replace") for p in split.rglob("*") if p.is_file() and p.stat().st_size < 5 << 20)
+    assert SECRET not in written, "a credential was written to a log, a config or W&B"
 
     a, b = read_metrics(straight), read_metrics(split)
     assert sorted(s for s in a if "train/loss" in a[s]) == list(range(1, 9))
@@ -103,6 +108,9 @@ def test_resume_is_exact_and_wandb_continues_the_run(small_build, tmp_path) -> N
                 "eval/retrieval/tuxpaint/text_to_image_r1", "train/samples_per_sec", "steps"):
         assert key in summary, key
     assert summary["steps"] == 8
+    from_s3 = json.loads((split / "summary.json").read_text())  # the held-out split read from S3: same scores
+    for key in ("eval/retrieval/tuxpaint/image_to_text_r1", "eval/retrieval/tuxpaint/text_to_image_r5"):
+        assert from_s3[key] == pytest.approx(summary[key]), key
 
     ((run_id, keys),) = wandb_runs(straight)
     assert REQUIRED_METRICS <= keys, f"missing in W&B history: {REQUIRED_METRICS - keys}"
