@@ -32,7 +32,6 @@ Location = Union[str, Path]  # a Path for local data, a str URL otherwise
 
 URL_SCHEMES = ("s3://", "gs://", "gcs://", "http://", "https://")
 PIPE = "pipe:"
-LISTED_PAGE = 1000  # objects per LIST request of S3 and GCS: planning costs shards/1000 requests
 # Bounded waits: a stalled connection is an error (retried by the reader), never a hang.
 CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 30, 60
 
@@ -40,11 +39,6 @@ CONNECT_TIMEOUT_S, READ_TIMEOUT_S = 30, 60
 def is_remote(loc: Location) -> bool:
     s = str(loc)
     return s.startswith(URL_SCHEMES) or s.startswith(PIPE)
-
-
-def as_location(loc: Location) -> Location:
-    """A Path for local data (what the builder and the tests handle), the string for a URL."""
-    return str(loc) if is_remote(loc) else Path(loc)
 
 
 def join(root: Location, name: str) -> Location:
@@ -84,10 +78,6 @@ def _fs(url: str) -> Any:
                       "`pip install gcsfs`") from e
 
 
-def _pipe_command(loc: str) -> str:
-    return loc[len(PIPE):]
-
-
 @contextlib.contextmanager
 def open_read(loc: Location) -> Iterator[BinaryIO]:
     """A binary stream of the file at ``loc``. Its ``size`` attribute (or a local ``fstat``) is read
@@ -98,7 +88,7 @@ def open_read(loc: Location) -> Iterator[BinaryIO]:
             yield f
         return
     if s.startswith(PIPE):
-        with _pipe(_pipe_command(s)) as f:
+        with _pipe(s[len(PIPE):]) as f:
             yield f
         return
     # HTTP: one streamed GET per file (servers need not support ranges). Object stores: 8 MiB range

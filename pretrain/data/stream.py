@@ -195,13 +195,13 @@ class ShardStream(IterableDataset):
             log.warning("data: %s; reading shard %s from its start instead", e, storage.redact(self.manifest.shard_path(shard)))
             return None
 
-    def positioned(self, consumer: int, epoch: int, on_error: Callable[[str], None],
+    def positioned(self, plan: list[tuple[ShardInfo, int, int]], on_error: Callable[[str], None],
                    start: int = 0) -> Iterator[tuple[int, dict[str, Any]]]:
-        """(position, raw sample) of consumer's epoch from position ``start`` on, in reading order.
-        A position indexes the consumer's planned samples, so samples a damaged shard does not give
-        leave their positions unused. Starting mid-shard seeks there through the sample index."""
+        """(position, raw sample) of an epoch's ``plan`` (``plan_epoch``) from position ``start`` on,
+        in reading order. A position indexes the planned samples, so samples a damaged shard does
+        not give leave their positions unused. Starting mid-shard seeks there through the sample index."""
         pos = 0
-        for shard, first, stop in self.plan_epoch(consumer, epoch):
+        for shard, first, stop in plan:
             n = stop - first
             if pos + n <= start:
                 pos += n
@@ -220,7 +220,8 @@ class ShardStream(IterableDataset):
         with (seed, epoch, consumer, b): a pure function of its position, so resuming at block b
         reads S samples from a seek, whatever the position in the epoch. Lost samples (positions a
         damaged shard did not give) are counted per block, including blocks nothing came from."""
-        S, total = self.block, sum(stop - first for _, first, stop in self.plan_epoch(consumer, epoch))
+        plan = self.plan_epoch(consumer, epoch)
+        S, total = self.block, sum(stop - first for _, first, stop in plan)
         planned = lambda b: min(S, total - b * S)  # noqa: E731: positions of block b
         current, samples = first_block, []
 
@@ -228,7 +229,7 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.seed}/{epoch}/{consumer}/{b}").shuffle(items)
             return b, items, planned(b) - len(items)
 
-        for pos, sample in self.positioned(consumer, epoch, on_error, first_block * S):
+        for pos, sample in self.positioned(plan, on_error, first_block * S):
             b = pos // S
             while b != current:  # blocks before b are complete (empty ones included)
                 yield done(current, samples)

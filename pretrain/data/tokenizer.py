@@ -18,7 +18,7 @@ class Tokenizer:
         self.context_length = context_length
         if model_bytes is None:
             try:
-                model_bytes = storage.read_bytes(storage.as_location(model_path))
+                model_bytes = storage.read_bytes(str(model_path))
             except OSError as e:
                 raise FileNotFoundError(
                     f"tokenizer model not readable: {storage.redact(model_path)} ({e.strerror or e}); build the dataset "
