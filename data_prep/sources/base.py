@@ -19,7 +19,9 @@ from data_prep.uid import make_uid
 # Keys every sample's meta must carry: they go into the shard's json (the data contract).
 REQUIRED_META = ("width", "height", "original_width", "original_height", "lang")
 # What PIL raises for files it cannot read; the image_size filter records these as decode errors.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# TypeError: PIL's TIFF loader raises it for hostile tags ("'IFDRational' object cannot be
+# interpreted as an integer", found by tests/chaos/test_chaos_fuzz_prep.py).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError)
 
 
 def text_id(name: str) -> str:
