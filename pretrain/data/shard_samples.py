@@ -100,8 +100,7 @@ def read_tar(loc: storage.Location, start: int, stop: int, on_error: Callable[[s
             with storage.open_read(loc) as f:
                 size = storage.size_of(f)
                 if expect_bytes is not None and size is not None and size != expect_bytes:
-                    on_error(f"shard {where} has {size} bytes but the manifest lists {expect_bytes} (replaced or "
-                             "truncated since it was written?); re-copy it or re-index the folder")
+                    on_error(f"{size_mismatch(where, size, expect_bytes)}; re-copy it or re-index the folder")
                     return
                 if seek is not None:
                     skip_bytes(f, seek)
@@ -133,6 +132,11 @@ def read_tar(loc: storage.Location, start: int, stop: int, on_error: Callable[[s
             return
     if seen < stop:
         on_error(f"shard {where} is truncated or unreadable: it ended after {seen} of {stop} samples")
+
+
+def size_mismatch(where: str, size: int, listed: int) -> str:
+    """The one wording of a shard whose size is not its manifest's (start-up listing or opening)."""
+    return f"shard {where} has {size} bytes but the manifest lists {listed} (truncated or replaced since it was written?)"
 
 
 def skip_bytes(f: BinaryIO, n: int) -> None:

@@ -41,7 +41,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_prep import sample_index, storage
 from data_prep.manifest import Manifest, ShardInfo
-from pretrain.data.shard_samples import parse_sample, read_tar
+from pretrain.data.shard_samples import parse_sample, read_tar, size_mismatch
 from pretrain.data.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,8 @@ def check_shards(manifest: Manifest, sizes: Optional[dict[str, int]]) -> tuple[l
             problems.append(f"shard {where} is listed in the manifest but missing: its {shard.samples} samples are "
                             "skipped; restore the file or rebuild the manifest")
         else:
-            problems.append(f"shard {where} has {size} bytes but the manifest lists {shard.bytes} (truncated or "
-                            f"replaced since it was written?): its {shard.samples} samples are skipped; re-copy "
-                            f"the shard, or re-index the folder with `python -m data_prep index --force`")
+            problems.append(f"{size_mismatch(where, size, shard.bytes)}: its {shard.samples} samples are skipped; "
+                            "re-copy the shard, or re-index the folder with `python -m data_prep index --force`")
     return usable, problems
 
 
